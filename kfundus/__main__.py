@@ -1,0 +1,5 @@
+import sys
+
+from kfundus.cli import main
+
+sys.exit(main())

@@ -1,0 +1,26 @@
+"""Model builders, one file per family. ``build_model`` picks one from a ModelConfig."""
+
+from __future__ import annotations
+
+from kfundus.errors import ConfigError
+from kfundus.models.efficientnet import build_efficientnet_b0
+
+BUILDERS = {"efficientnet_b0": build_efficientnet_b0}
+
+
+def build_model(config, *, num_outputs: int, image_size: int, task: str, two_eye: bool = False):
+    """Build the classifier a ``kfundus.config.ModelConfig`` names.
+
+    ``task`` "multiclass" gets a softmax head, "multilabel" and "binary" sigmoids.
+    """
+    if config.name not in BUILDERS:
+        raise ConfigError(f"model.name={config.name!r} is unknown; available: {sorted(BUILDERS)}")
+    return BUILDERS[config.name](
+        num_outputs,
+        image_size=image_size,
+        weights=config.weights,
+        trainable_blocks=config.trainable_blocks,
+        dropout=config.dropout,
+        activation="softmax" if task == "multiclass" else "sigmoid",
+        two_eye=two_eye,
+    )

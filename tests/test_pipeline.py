@@ -1,0 +1,207 @@
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from kfundus.data.manifest import Manifest
+from kfundus.data.pipeline import Augment, Preprocess, decode, make_dataset, prepare, preprocess_image
+from kfundus.errors import DataError
+
+
+def fundus_like(height, width, radius, value=(180, 90, 40)):
+    """A bright disc (the field of view) centred on a black frame."""
+    yy, xx = np.mgrid[:height, :width]
+    inside = (yy - height / 2) ** 2 + (xx - width / 2) ** 2 < radius**2
+    image = np.zeros((height, width, 3), np.uint8)
+    image[inside] = value
+    return image
+
+
+def write(path, array, fmt=None, **kwargs):
+    Image.fromarray(array).save(path, format=fmt, **kwargs)
+    return str(path)
+
+
+def manifest_of(paths, labels=None, name="t"):
+    labels = np.arange(len(paths)) % 2 if labels is None else labels
+    frame = pd.DataFrame({"image": [str(p) for p in paths], "patient_id": [f"p{i}" for i in range(len(paths))],
+                          "y": labels})
+    return Manifest(frame, ["y"], name=name)
+
+
+# --- decoding ---------------------------------------------------------------------------
+
+
+def test_decode_formats_to_rgb_uint8(tmp_path):
+    grey = np.full((20, 30), 100, np.uint8)
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    cases = {
+        "grey.png": write(tmp_path / "grey.png", grey),
+        "grey.jpg": write(tmp_path / "grey.jpg", grey, quality=100),
+        "rgba.png": write(tmp_path / "rgba.png", rgba),
+        "palette.png": str(tmp_path / "palette.png"),
+        "bmp.bmp": write(tmp_path / "bmp.bmp", np.dstack([grey] * 3)),
+    }
+    Image.fromarray(np.dstack([grey] * 3)).convert("P").save(cases["palette.png"])
+    for name, path in cases.items():
+        image = decode(tf.io.read_file(path), 20).numpy()  # target = short side: no reduction
+        assert image.shape == (20, 30, 3) and image.dtype == np.uint8, name
+        if name.startswith("rgba"):
+            assert abs(int(image[..., 0].mean()) - 200) <= 1 and image[..., 1].max() == 0, name
+        else:
+            assert abs(float(image.mean()) - 100) < 2, name
+
+
+def test_16bit_png_is_scaled_not_truncated(tmp_path):
+    value = np.full((16, 16, 3), 40000, np.uint16)  # 40000/65535*255 = 155.6
+    path = tmp_path / "deep.png"
+    path.write_bytes(tf.io.encode_png(value).numpy())
+    image = decode(tf.io.read_file(str(path)), 8).numpy()
+    assert image.dtype == np.uint8
+    assert int(image.min()) == int(image.max()) == round(40000 / 65535 * 255)
+
+
+@pytest.mark.parametrize("target,ratio", [(128, 8), (224, 4), (500, 2), (1200, 1)])
+def test_large_jpeg_decoded_at_reduced_size_in_dct_domain(tmp_path, target, ratio):
+    path = write(tmp_path / "big.jpg", fundus_like(1400, 2000, 650))
+    image = decode(tf.io.read_file(path), target).numpy()
+    assert image.shape[:2] == (int(np.ceil(1400 / ratio)), int(np.ceil(2000 / ratio)))
+    assert min(image.shape[:2]) >= target
+
+
+def test_fundus_crop_removes_black_border(tmp_path):
+    # a wide frame whose circular field spans the full height and 60 % of the width
+    path = write(tmp_path / "wide.png", fundus_like(300, 500, 150))
+    cropped = preprocess_image(tf.io.read_file(path), Preprocess(image_size=64)).numpy()
+    uncropped = preprocess_image(tf.io.read_file(path), Preprocess(image_size=64, crop_fundus=False)).numpy()
+    field = cropped.max(axis=-1) > 15
+    # the field's bounding box fills the frame after cropping ...
+    assert field[32].sum() >= 62 and field[:, 32].sum() >= 62
+    # ... while without the crop the side borders are black and the field is letter-boxed
+    assert (uncropped.max(axis=-1) > 15)[32].sum() < 45
+    # an all-black image survives (no field to crop)
+    black = write(tmp_path / "black.png", np.zeros((40, 60, 3), np.uint8))
+    assert preprocess_image(tf.io.read_file(black), Preprocess(image_size=32)).numpy().max() == 0
+
+
+# --- prepare / cache ----------------------------------------------------------------------
+
+
+def brightness_dataset(tmp_path, n=12):
+    """Images whose brightness encodes their label, so misaligned labels are detectable."""
+    paths, labels = [], []
+    for i in range(n):
+        label = i % 2
+        paths.append(write(tmp_path / f"img{i}.jpg", fundus_like(80, 100, 38, value=(60 + 150 * label,) * 3)))
+        labels.append(label)
+    return paths, np.array(labels)
+
+
+def test_cache_reused_and_keyed_by_settings_and_files(tmp_path):
+    (tmp_path / "img").mkdir()
+    paths, labels = brightness_dataset(tmp_path / "img", 6)
+    m = manifest_of(paths, labels)
+    cache = tmp_path / "cache"
+    first = prepare(m, Preprocess(image_size=32), cache_dir=cache, progress=False)
+    index = Path(first.files[0]).parent / "index.json"
+    stamp = index.stat().st_mtime_ns
+    again = prepare(m, Preprocess(image_size=32), cache_dir=cache, progress=False)
+    assert again.files == first.files and index.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    other_size = prepare(m, Preprocess(image_size=48), cache_dir=cache, progress=False)
+    assert other_size.files != first.files
+    os.utime(paths[0], ns=(1, 1))  # a changed file changes the key
+    assert prepare(m, Preprocess(image_size=32), cache_dir=cache, progress=False).files != first.files
+
+
+def test_dataset_yields_aligned_labels_and_named_inputs(tmp_path):
+    paths, labels = brightness_dataset(tmp_path)
+    prepared = prepare(manifest_of(paths, labels), Preprocess(image_size=32), cache_dir=tmp_path / "c", progress=False)
+    seen = 0
+    for inputs, targets in make_dataset(prepared, batch_size=5, training=True, seed=3):
+        x = inputs["image"].numpy()
+        assert x.dtype == np.float32 and x.shape[1:] == (32, 32, 3) and 0 <= x.min() and x.max() <= 255
+        bright = x.reshape(len(x), -1).max(axis=1) > 150
+        np.testing.assert_array_equal(bright, targets.numpy()[:, 0] == 1)
+        seen += len(x)
+    assert seen == len(paths)
+
+
+def test_unreadable_images_raise_naming_them_or_are_skipped(tmp_path):
+    paths, labels = brightness_dataset(tmp_path, 8)
+    good = Path(paths[0]).read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    corrupt = bytearray(good)
+    for i in range(len(corrupt) // 2, len(corrupt) - 10, 7):
+        corrupt[i] = 0xFF if i % 2 else 0xD9  # inject bogus markers into the entropy-coded data
+    (tmp_path / "corrupt.jpg").write_bytes(bytes(corrupt))
+    (tmp_path / "noise.jpg").write_bytes(os.urandom(2000))
+    (tmp_path / "empty.png").write_bytes(b"")
+    bad = ["truncated.jpg", "corrupt.jpg", "noise.jpg", "empty.png", "missing.jpg"]
+    all_paths = paths + [str(tmp_path / b) for b in bad]
+    all_labels = np.concatenate([labels, [1] * len(bad)])
+    m = manifest_of(all_paths, all_labels)
+    with pytest.raises(DataError) as err:
+        prepare(m, Preprocess(image_size=32), cache_dir=tmp_path / "c", progress=False)
+    for name in bad:
+        assert name in str(err.value)
+    assert "skip_unreadable" in str(err.value)
+
+    prepared = prepare(m, Preprocess(image_size=32), cache_dir=tmp_path / "c", skip_unreadable=True, progress=False)
+    assert sorted(Path(p).name for p in prepared.skipped["path"]) == sorted(bad)
+    reasons = dict(zip(prepared.skipped["path"].map(lambda p: Path(p).name), prepared.skipped["reason"]))
+    assert reasons["missing.jpg"] == "file not found" and reasons["empty.png"] == "empty file"
+    assert len(prepared.manifest) == len(paths)
+    xs, ys = [], []
+    for inputs, targets in make_dataset(prepared, batch_size=4):
+        xs.append(inputs["image"].numpy())
+        ys.append(targets.numpy())
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    np.testing.assert_array_equal(x.reshape(len(x), -1).max(axis=1) > 150, y[:, 0] == 1)
+
+
+def test_two_eye_rows_yield_left_and_right(tmp_path):
+    paths, _ = brightness_dataset(tmp_path, 4)
+    frame = pd.DataFrame({"left_image": paths[0::2], "right_image": paths[1::2], "patient_id": ["a", "b"],
+                          "y": [0, 1]})
+    prepared = prepare(Manifest(frame, ["y"], name="two"), Preprocess(image_size=32), cache_dir=tmp_path / "c",
+                       progress=False)
+    inputs, targets = next(iter(make_dataset(prepared, batch_size=2)))
+    assert set(inputs) == {"left_image", "right_image"}
+    # left eyes are the dark (label 0) images, right eyes the bright ones
+    assert inputs["left_image"].numpy().max() < 150 < inputs["right_image"].numpy().max()
+    np.testing.assert_array_equal(targets.numpy()[:, 0], [0, 1])
+
+
+def test_augmentation_switches(tmp_path):
+    paths, labels = brightness_dataset(tmp_path, 4)
+    prepared = prepare(manifest_of(paths, labels), Preprocess(image_size=32), cache_dir=tmp_path / "c",
+                       progress=False)
+    plain = np.concatenate([x["image"].numpy() for x, _ in make_dataset(prepared, batch_size=4)])
+    # training without augmentation only reorders
+    again = np.concatenate([x["image"].numpy() for x, _ in make_dataset(prepared, batch_size=4, training=True)])
+    assert sorted(plain.sum(axis=(1, 2, 3)).round(2)) == sorted(again.sum(axis=(1, 2, 3)).round(2))
+    assert not Augment().enabled()  # horizontal flip (laterality!) is off unless asked for
+    aug = np.concatenate([x["image"].numpy() for x, _ in make_dataset(prepared, batch_size=4, training=True,
+                                                                      augment=Augment(rotation=30, zoom=0.2,
+                                                                                      brightness=0.2))])
+    assert aug.shape == plain.shape and aug.min() >= 0 and aug.max() <= 255
+    assert not np.allclose(sorted(aug.sum(axis=(1, 2, 3))), sorted(plain.sum(axis=(1, 2, 3))))
+    assert Augment(hflip=True).enabled()
+
+
+def test_real_full_resolution_fundus(idrid_grading, tmp_path):
+    """A 4288x2848 IDRiD photograph: decoded at 1/8 size, cropped to its field of view."""
+    path = sorted((idrid_grading / "images" / "test").glob("*.jpg"))[0]
+    contents = tf.io.read_file(str(path))
+    assert decode(contents, 224).shape[0] == 2848 // 8
+    image = preprocess_image(contents, Preprocess(image_size=224)).numpy()
+    field = image.max(axis=-1) > 15
+    # the field of view spans the width after cropping; black corners remain (it is a disc)
+    assert field[112].mean() > 0.95 and not field[0, 0] and not field[-1, -1]
