@@ -125,7 +125,7 @@ def test_dataset_yields_aligned_labels_and_named_inputs(tmp_path):
     prepared = prepare(manifest_of(paths, labels), Preprocess(image_size=32), cache_dir=tmp_path / "c", progress=False)
     seen = 0
     for inputs, targets in make_dataset(prepared, batch_size=5, training=True, seed=3):
-        x = inputs["image"].numpy()
+        x = inputs.numpy()
         assert x.dtype == np.float32 and x.shape[1:] == (32, 32, 3) and 0 <= x.min() and x.max() <= 255
         bright = x.reshape(len(x), -1).max(axis=1) > 150
         np.testing.assert_array_equal(bright, targets.numpy()[:, 0] == 1)
@@ -160,7 +160,7 @@ def test_unreadable_images_raise_naming_them_or_are_skipped(tmp_path):
     assert len(prepared.manifest) == len(paths)
     xs, ys = [], []
     for inputs, targets in make_dataset(prepared, batch_size=4):
-        xs.append(inputs["image"].numpy())
+        xs.append(inputs.numpy())
         ys.append(targets.numpy())
     x, y = np.concatenate(xs), np.concatenate(ys)
     np.testing.assert_array_equal(x.reshape(len(x), -1).max(axis=1) > 150, y[:, 0] == 1)
@@ -183,12 +183,12 @@ def test_augmentation_switches(tmp_path):
     paths, labels = brightness_dataset(tmp_path, 4)
     prepared = prepare(manifest_of(paths, labels), Preprocess(image_size=32), cache_dir=tmp_path / "c",
                        progress=False)
-    plain = np.concatenate([x["image"].numpy() for x, _ in make_dataset(prepared, batch_size=4)])
+    plain = np.concatenate([x.numpy() for x, _ in make_dataset(prepared, batch_size=4)])
     # training without augmentation only reorders
-    again = np.concatenate([x["image"].numpy() for x, _ in make_dataset(prepared, batch_size=4, training=True)])
+    again = np.concatenate([x.numpy() for x, _ in make_dataset(prepared, batch_size=4, training=True)])
     assert sorted(plain.sum(axis=(1, 2, 3)).round(2)) == sorted(again.sum(axis=(1, 2, 3)).round(2))
     assert not Augment().enabled()  # horizontal flip (laterality!) is off unless asked for
-    aug = np.concatenate([x["image"].numpy() for x, _ in make_dataset(prepared, batch_size=4, training=True,
+    aug = np.concatenate([x.numpy() for x, _ in make_dataset(prepared, batch_size=4, training=True,
                                                                       augment=Augment(rotation=30, zoom=0.2,
                                                                                       brightness=0.2))])
     assert aug.shape == plain.shape and aug.min() >= 0 and aug.max() <= 255

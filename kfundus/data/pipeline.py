@@ -355,9 +355,9 @@ def make_dataset(
 ) -> tf.data.Dataset:
     """Stream a prepared cache as batches of ``(inputs, targets)``.
 
-    ``inputs`` is ``{"image": x}`` for eye-level rows and ``{"left_image": l,
-    "right_image": r}`` for patient rows (the names of the kfundus models' inputs), each
-    float32 of shape (batch, size, size, 3) in [0, 255]. ``targets`` is float32 of shape
+    ``inputs`` is the image batch for eye-level rows (the models' single input is named
+    ``image``) and ``{"left_image": l, "right_image": r}`` for patient rows, each float32
+    of shape (batch, size, size, 3) in [0, 255]. ``targets`` is float32 of shape
     (batch, len(labels)). Order follows ``prepared.manifest`` unless ``training``
     (then shuffled every epoch and augmented).
     """
@@ -374,6 +374,7 @@ def make_dataset(
 
     ds = tf.data.TFRecordDataset(prepared.files, num_parallel_reads=tf.data.AUTOTUNE if training else None)
     ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(len(prepared)))  # progress bars know the length
     if training:
         ds = ds.shuffle(min(len(prepared), 8192), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, num_parallel_calls=tf.data.AUTOTUNE)
@@ -389,6 +390,8 @@ def make_dataset(
                 x = tf.clip_by_value(aug(x, training=True), 0.0, 255.0)
             x.set_shape([None, size, size, 3])
             inputs[name] = x
+        if len(names) == 1:
+            inputs = inputs["image"]
         if not with_targets:
             return inputs
         return inputs, tf.gather(label_table, rows)

@@ -68,6 +68,12 @@ def efficientnet_b0_backbone(image_size: int = 224, weights: str | None = None) 
     norm = _normalization_layer(backbone)
     if weights is None:
         _set_normalization(norm, IMAGENET_MEAN, np.square(IMAGENET_STDDEV))
+        # From scratch the weights move fast: with Keras' BatchNorm momentum of 0.99 the
+        # moving statistics lag hundreds of steps behind, and a short run predicts a
+        # constant at inference. 0.9 lets them keep up.
+        for layer in backbone.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = 0.9
         return backbone
     path = Path(weights)
     if not path.exists():

@@ -1,0 +1,142 @@
+"""The kfundus commands: ``kfundus <command>`` or ``python -m kfundus <command>``.
+
+    train     --config configs/X.yaml --data DIR [--set key=value ...] [--run-dir DIR]
+    evaluate  --run runs/NAME [--data DIR] [--split test|val|train|all] [--set key=value ...]
+    export    --run runs/NAME [--out saved_models/NAME]
+    synth     --layout odir|rfmid --out DIR [...]   (synthetic data in the public layouts)
+    demo      [--out demo]  synthetic data -> train -> evaluate -> export, in a few minutes
+
+``train.py`` and ``evaluate.py`` at the top of the repository call the first two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from kfundus.errors import KfundusError  # noqa: E402
+
+
+def _add_set(parser):
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+
+
+def cmd_train(args) -> int:
+    from kfundus.config import load_config
+    from kfundus.training import train
+
+    config = load_config(args.config, args.overrides)
+    run_dir = train(config, args.data, args.run_dir)
+    if config.export.formats and not args.no_export:
+        export_run(run_dir, None)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from kfundus.evaluation import evaluate_run
+
+    metrics = evaluate_run(args.run, args.data, split=args.split, overrides=args.overrides, out_dir=args.out)
+    keys = ["macro_auroc", "macro_ap", "macro_f1", "accuracy", "quadratic_kappa", "auroc", "kappa"]
+    print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=1))
+    if "odir" in metrics:
+        print("official ODIR score:", json.dumps(metrics["odir"]))
+    return 0
+
+
+def export_run(run_dir, out_dir) -> Path:
+    """Export a run's model into ``saved_models/<run name>/`` (or ``out_dir``)."""
+    import keras
+    import numpy as np
+
+    from kfundus import __version__
+    from kfundus.config import load_config
+    from kfundus.export import export_bundle
+
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    info = json.loads((run_dir / "run.json").read_text())
+    thresholds = json.loads((run_dir / "thresholds.json").read_text())
+    out_dir = Path(out_dir or Path(config.export.dir) / run_dir.name)
+    model = keras.saving.load_model(run_dir / "model.keras")
+    metadata = {"kfundus_version": __version__, "run": str(run_dir), "labels": info["labels"],
+                "task": info["task"], "level": info["level"], "image_size": info["image_size"],
+                "thresholds": thresholds, "input": "float32 RGB in [0, 255], fundus-cropped and resized "
+                "as kfundus.data.pipeline.preprocess_image does"}
+    samples = None
+    if (run_dir / "samples.npz").exists():
+        with np.load(run_dir / "samples.npz") as data:
+            samples = {k: data[k].astype("float32") for k in data.files}
+    paths = export_bundle(model, out_dir, labels=info["labels"], formats=tuple(config.export.formats),
+                          metadata=metadata, sample_inputs=samples)
+    print(f"exported to {out_dir}: " + ", ".join(sorted(str(Path(p).name) for p in paths.values())))
+    return out_dir
+
+
+def cmd_export(args) -> int:
+    export_run(args.run, args.out)
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from kfundus.data import synthetic
+
+    return synthetic.main(args.rest)
+
+
+def cmd_demo(args) -> int:
+    from kfundus.demo import run_demo
+
+    run_demo(Path(args.out), patients=args.patients, epochs=args.epochs)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kfundus", description="retinal-image deep learning with Keras 3")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("--config", required=True, help="YAML file, e.g. configs/odir_efficientnet_b0.yaml")
+    p.add_argument("--data", help="dataset folder or label file (overrides data.path)")
+    p.add_argument("--run-dir", help="where the run goes (default: <output_dir>/<name>)")
+    p.add_argument("--no-export", action="store_true", help="skip the export after training")
+    _add_set(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a trained run and write the report")
+    p.add_argument("--run", required=True, help="a run folder written by train")
+    p.add_argument("--data", help="dataset (default: the one the run was trained on)")
+    p.add_argument("--split", default="test", help="test, val, train, or all (default: test)")
+    p.add_argument("--out", help="report folder (default: <run>/eval-<split>)")
+    _add_set(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a run as .keras, SavedModel and TFLite")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", help="default: saved_models/<run name>")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("synth", help="write a synthetic dataset (python -m kfundus synth -- --help)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> export")
+    p.add_argument("--out", default="demo")
+    p.add_argument("--patients", type=int, default=160)
+    p.add_argument("--epochs", type=int, default=8)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KfundusError as exc:
+        print(f"kfundus {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,251 @@
+"""Training: data -> splits -> cached pipelines -> model -> ``model.fit`` with callbacks.
+
+A run directory holds everything needed to evaluate, resume or export later:
+
+    runs/<name>/
+      config.yaml        the resolved configuration
+      run.json           labels, task, level, image size, data path, counts
+      splits.csv         every row of the dataset with its split (patient-level)
+      skipped.csv        images that could not be read (when data.skip_unreadable)
+      best.keras         checkpoint at the best validation metric (``train.monitor``)
+      backup/            state for resuming an interrupted run (BackupAndRestore)
+      history.csv        per-epoch losses and metrics (CSVLogger), training_curves.png
+      tensorboard/       TensorBoard logs
+      thresholds.json    per-label decision thresholds chosen on validation (Youden's J)
+      samples.npz        a few preprocessed validation images (export parity checks)
+      model.keras        the final model (= best checkpoint)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+
+from kfundus.config import Config, save_config
+from kfundus.data.manifest import Manifest
+from kfundus.data.pipeline import Preprocess, make_dataset, prepare
+from kfundus.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+# ---------------------------------------------------------------------------
+# data
+
+
+def load_manifest(config: Config, data_path: str | None = None) -> Manifest:
+    """Read the dataset named by ``config.data`` (path overridable) and select its labels."""
+    from kfundus.data.sources import load_source, select_labels
+
+    path = data_path or config.data.path
+    if not path:
+        raise ConfigError("no dataset given: pass --data DIR or set data.path in the config")
+    manifest = load_source(config.data.source, path, **config.data.options)
+    if config.data.labels:
+        manifest = select_labels(manifest, list(config.data.labels), drop_empty=config.data.drop_empty)
+    return manifest
+
+
+def make_splits(manifest: Manifest, config: Config) -> dict[str, Manifest]:
+    from kfundus.data.splits import split_patients
+
+    s = config.data.split
+    splits = split_patients(manifest, val=s.val, test=s.test, seed=s.seed, use_official=s.official)
+    for name in ("train", "val"):
+        if name not in splits or len(splits[name]) == 0:
+            raise DataError(f"the {name} split is empty: set data.split fractions so it gets patients")
+    empty = [c for c in manifest.labels if splits["train"].frame[c].sum() == 0]
+    if empty:
+        raise DataError(
+            f"label(s) {empty} have no positive example in the training split of '{manifest.name}': "
+            "drop them with data.labels, or add data that has them"
+        )
+    return splits
+
+
+def splits_table(splits: dict[str, Manifest]) -> pd.DataFrame:
+    frames = [m.frame.assign(split=name) for name, m in splits.items() if len(m)]
+    return pd.concat(frames, ignore_index=True)
+
+
+def preprocess_config(config: Config) -> Preprocess:
+    return Preprocess(image_size=config.data.image_size, crop_fundus=config.data.crop_fundus)
+
+
+# ---------------------------------------------------------------------------
+# model pieces
+
+
+def loss_and_metrics(task: str, num_labels: int):
+    """BCE on sigmoid outputs (multi-label, binary) or categorical cross-entropy (softmax).
+
+    The sigmoid output keeps its logits (Keras computes BCE from them, i.e. BCE with
+    logits, numerically stable), while the model still returns probabilities.
+    ``auroc`` is the macro mean of per-label ROC AUCs (one-vs-rest for softmax).
+    """
+    auroc = keras.metrics.AUC(multi_label=True, num_labels=num_labels, name="auroc")
+    if task == "multiclass":
+        return keras.losses.CategoricalCrossentropy(), [auroc, keras.metrics.CategoricalAccuracy(name="accuracy")]
+    return keras.losses.BinaryCrossentropy(), [auroc, keras.metrics.BinaryAccuracy(name="accuracy")]
+
+
+def make_optimizer(train, steps_per_epoch: int):
+    total = max(1, train.epochs * steps_per_epoch)
+    warmup = int(round(train.warmup_epochs * steps_per_epoch))
+    if train.schedule == "cosine":
+        if warmup:
+            lr = keras.optimizers.schedules.CosineDecay(
+                0.0, max(1, total - warmup), warmup_target=train.learning_rate, warmup_steps=warmup)
+        else:
+            lr = keras.optimizers.schedules.CosineDecay(train.learning_rate, total)
+    elif train.schedule == "constant":
+        lr = train.learning_rate
+    else:
+        raise ConfigError(f"train.schedule={train.schedule!r}: use 'cosine' or 'constant'")
+    name = train.optimizer.lower()
+    if name == "adam":
+        return keras.optimizers.Adam(lr)
+    if name == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=train.weight_decay or 0.004)
+    if name == "sgd":
+        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True)
+    raise ConfigError(f"train.optimizer={train.optimizer!r}: use adam, adamw or sgd")
+
+
+def _best_so_far(history_csv: Path, monitor: str, mode: str):
+    if not history_csv.exists():
+        return None
+    history = pd.read_csv(history_csv)
+    if monitor not in history or history[monitor].dropna().empty:
+        return None
+    return float(history[monitor].max() if mode == "max" else history[monitor].min())
+
+
+def make_callbacks(run_dir: Path, train) -> list:
+    mode = "min" if "loss" in train.monitor else "max"
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
+        keras.callbacks.ModelCheckpoint(
+            str(run_dir / "best.keras"), monitor=train.monitor, mode=mode, save_best_only=True,
+            initial_value_threshold=_best_so_far(run_dir / "history.csv", train.monitor, mode)),
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False),
+    ]
+    if train.early_stopping:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor=train.monitor, mode=mode, patience=train.early_stopping, restore_best_weights=False))
+    return callbacks
+
+
+# ---------------------------------------------------------------------------
+# the run
+
+
+def save_samples(prepared, path: Path, count: int = 8) -> None:
+    """A few preprocessed validation images, by model input name: the export checks
+    Keras-vs-TFLite parity on them (real images, not noise that saturates the outputs)."""
+    batch = next(iter(make_dataset(prepared, batch_size=count, with_targets=False)))
+    batch = batch if isinstance(batch, dict) else {"image": batch}
+    np.savez_compressed(path, **{k: np.asarray(v).astype(np.uint8) for k, v in batch.items()})
+
+
+def predict(model, prepared, batch_size: int) -> np.ndarray:
+    ds = make_dataset(prepared, batch_size=batch_size, with_targets=False)
+    return np.asarray(model.predict(ds, verbose=0), dtype=np.float32)
+
+
+def train(config: Config, data_path: str | None = None, run_dir: str | Path | None = None) -> Path:
+    """Train the model a config describes; return the run directory.
+
+    Re-running the same command after an interruption resumes from the last finished
+    epoch (BackupAndRestore); a finished run is retrained from scratch only if its
+    directory is removed.
+    """
+    from kfundus.metrics import choose_thresholds
+    from kfundus.models import build_model
+    from kfundus.plots import plot_training_curves
+
+    run_dir = Path(run_dir or Path(config.output_dir) / config.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if data_path:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(data_path)))
+    save_config(config, run_dir / "config.yaml")
+    keras.utils.set_random_seed(config.train.seed)
+
+    manifest = load_manifest(config, data_path)
+    splits = make_splits(manifest, config)
+    pre = preprocess_config(config)
+    prepared = {}
+    for name, part in splits.items():
+        if len(part):
+            prepared[name] = prepare(part, pre, cache_dir=config.data.cache_dir,
+                                     skip_unreadable=config.data.skip_unreadable)
+    table = splits_table({name: p.manifest for name, p in prepared.items()})
+    table.to_csv(run_dir / "splits.csv", index=False)
+    skipped = pd.concat([p.skipped.assign(split=n) for n, p in prepared.items()], ignore_index=True)
+    if len(skipped):
+        skipped.to_csv(run_dir / "skipped.csv", index=False)
+        print(f"skipped {len(skipped)} unreadable image(s): listed in {run_dir / 'skipped.csv'}")
+
+    save_samples(prepared["val"], run_dir / "samples.npz")
+    two_eye = manifest.level == "patient"
+    info = {
+        "name": config.name, "labels": manifest.labels, "task": manifest.task, "level": manifest.level,
+        "image_size": config.data.image_size, "data_path": str(config.data.path), "source": manifest.name,
+        "counts": {n: {"rows": len(p), "positives": p.manifest.counts()} for n, p in prepared.items()},
+        "skipped": len(skipped),
+    }
+    (run_dir / "run.json").write_text(json.dumps(info, indent=1))
+    for name, p in prepared.items():
+        print(f"{name}: {len(p)} {manifest.level} rows, positives {p.manifest.counts()}")
+
+    train_cfg = config.train
+    batch = train_cfg.batch_size
+    steps = train_cfg.steps_per_epoch or math.ceil(len(prepared["train"]) / batch)
+    previous_policy = keras.mixed_precision.global_policy().name
+    if train_cfg.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = build_model(config.model, num_outputs=len(manifest.labels), image_size=config.data.image_size,
+                            task=manifest.task, two_eye=two_eye)
+        loss, metrics = loss_and_metrics(manifest.task, len(manifest.labels))
+        model.compile(optimizer=make_optimizer(train_cfg, steps), loss=loss, metrics=metrics)
+        train_ds = make_dataset(prepared["train"], batch_size=batch, training=True,
+                                augment=config.data.augment, seed=train_cfg.seed)
+        if train_cfg.steps_per_epoch:
+            train_ds = train_ds.repeat()
+        val_ds = make_dataset(prepared["val"], batch_size=batch)
+        warnings.filterwarnings("ignore", message=".*shuffle=True.*was passed")  # the dataset shuffles itself
+        model.fit(train_ds, validation_data=val_ds, epochs=train_cfg.epochs,
+                  steps_per_epoch=train_cfg.steps_per_epoch, callbacks=make_callbacks(run_dir, train_cfg),
+                  verbose=2 if _quiet() else 1)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+    best = run_dir / "best.keras"
+    model = keras.saving.load_model(best) if best.exists() else model
+    model.save(run_dir / "model.keras")
+    val = prepared["val"]
+    thresholds = choose_thresholds(val.manifest.targets(), predict(model, val, batch), method="youden")
+    (run_dir / "thresholds.json").write_text(json.dumps(
+        {"method": "youden (on validation)", "labels": manifest.labels,
+         "thresholds": [float(t) for t in thresholds]}, indent=1))
+    plot_training_curves(run_dir / "history.csv", run_dir / "training_curves.png")
+    print(f"trained: {run_dir / 'model.keras'} (best {train_cfg.monitor} checkpoint)")
+    return run_dir
+
+
+def _quiet() -> bool:
+    """One line per epoch instead of a live progress bar when output is not a terminal (CI, logs)."""
+    import sys
+
+    return not sys.stdout.isatty()

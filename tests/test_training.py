@@ -1,0 +1,105 @@
+"""End to end, as a user runs it: train.py -> evaluate.py -> export, on synthetic ODIR data."""
+
+import json
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from kfundus import training
+from kfundus.cli import main
+from kfundus.data.synthetic import make_odir
+from kfundus.export import run_tflite
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "demo_synthetic.yaml")
+
+
+def train_args(data, out, *extra):
+    return ["train", "--config", CONFIG, "--data", str(data), "--set", f"output_dir={out / 'runs'}",
+            "--set", f"data.cache_dir={out / 'cache'}", "--set", f"export.dir={out / 'saved_models'}", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """EfficientNet-B0 from scratch on 100 synthetic patients, normal vs cataract, 64 px."""
+    out = tmp_path_factory.mktemp("e2e")
+    data = make_odir(out / "data", n_patients=100, size=96, seed=1, aspect=1.3,
+                     prevalence={"N": 0.4, "C": 0.6}, write_masks=False)
+    code = main(train_args(data, out, "--set", "data.labels=[N, C]", "--set", "data.image_size=64",
+                           "--set", "train.epochs=6", "--set", "data.split.test=0.3"))
+    assert code == 0
+    return out, data, out / "runs" / "demo_synthetic"
+
+
+def test_run_folder_and_patient_level_splits(trained):
+    _, _, run = trained
+    for name in ["config.yaml", "run.json", "splits.csv", "best.keras", "model.keras", "history.csv",
+                 "thresholds.json", "training_curves.png", "tensorboard"]:
+        assert (run / name).exists(), name
+    splits = pd.read_csv(run / "splits.csv", dtype={"patient_id": str})
+    assert splits.groupby("patient_id")["split"].nunique().max() == 1
+    assert set(splits["split"]) == {"train", "val", "test"}
+
+
+def test_model_learns_and_evaluation_report(trained):
+    out, data, run = trained
+    assert main(["evaluate", "--run", str(run), "--data", str(data)]) == 0
+    report = run / "eval-test"
+    metrics = json.loads((report / "metrics.json").read_text())
+    per_class = {row["label"]: row for row in metrics["per_class"]}
+    assert per_class["C"]["support"] >= 5
+    assert per_class["C"]["auroc"] > 0.9, per_class  # the synthetic cataract haze is learned
+    for name in ["predictions.csv", "per_class.csv", "roc.png", "pr.png", "confusion.png", "report.html"]:
+        assert (report / name).stat().st_size > 0, name
+    # the predictions file lines up with the test split
+    predictions = pd.read_csv(report / "predictions.csv")
+    splits = pd.read_csv(run / "splits.csv")
+    assert sorted(predictions["image"]) == sorted(splits.loc[splits["split"] == "test", "image"])
+
+
+def test_export_bundle_matches_keras(trained):
+    out, _, run = trained
+    bundle = out / "saved_models" / "demo_synthetic"
+    assert (bundle / "labels.txt").read_text().split() == ["N", "C"]
+    info = json.loads((bundle / "export.json").read_text())
+    assert info["tflite"]["flex_ops"] == [] and info["parity"]["inputs"] == "sample images"
+    assert max(info["parity"]["tflite_max_abs_diff"].values()) <= 1e-4
+    model = keras.saving.load_model(run / "model.keras")
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    lite = run_tflite(bundle / "model.tflite", {"image": x})["probabilities"]
+    np.testing.assert_allclose(lite, np.asarray(model(x)), atol=1e-4)
+
+
+def test_unreadable_image_is_named_then_skipped_and_training_resumes(tmp_path, monkeypatch, capsys):
+    data = make_odir(tmp_path / "data", n_patients=24, size=48, seed=2, write_masks=False)
+    victim = data / "images" / "3_left.jpg"
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated
+    small = ["--set", "data.image_size=32", "--set", "train.epochs=3", "--set", "data.labels=[N]",
+             "--set", "export.formats=[]"]
+    assert main(train_args(data, tmp_path, *small)) == 2
+    err = capsys.readouterr().err
+    assert "3_left.jpg" in err and "skip_unreadable" in err
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("simulated crash after epoch 2")
+
+    original = training.make_callbacks
+    monkeypatch.setattr(training, "make_callbacks", lambda *a: original(*a) + [Interrupt()])
+    skip = small + ["--set", "data.skip_unreadable=true"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(train_args(data, tmp_path, *skip))
+    monkeypatch.setattr(training, "make_callbacks", original)
+    assert main(train_args(data, tmp_path, *skip)) == 0
+    run = tmp_path / "runs" / "demo_synthetic"
+    # resumed at the third epoch: each epoch logged once, none repeated
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [0, 1, 2]
+    skipped = pd.read_csv(run / "skipped.csv")
+    assert skipped["path"].str.endswith("3_left.jpg").tolist() == [True]
+    assert "3_left.jpg" not in {Path(p).name for p in pd.read_csv(run / "splits.csv")["image"]}
+    shutil.rmtree(tmp_path / "cache")
