@@ -80,7 +80,7 @@ def main(argv=None):
         print(f"{args.data} is absent: this benchmark needs ../shared/data/odir-sample")
         return 2
     out = Path(args.out or tempfile.mkdtemp(prefix="kfundus-odir-"))
-    overrides = [f"data.labels=[{', '.join(LABELS)}]", "model.weights=null", f"data.image_size={args.size}",
+    overrides = [f"data.labels=[{', '.join(LABELS)}]", "model.weights=null", "model.trainable_blocks=-1", f"data.image_size={args.size}",
                  f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", "train.early_stopping=0",
                  f"output_dir={out}", f"data.cache_dir={out / 'cache'}"]
     config = load_config(REPO / "configs" / "odir_efficientnet_b0.yaml", overrides)
