@@ -14,3 +14,7 @@ class DataError(KfundusError, ValueError):
 
 class ConfigError(KfundusError, ValueError):
     """A configuration file or a ``--set`` override is wrong."""
+
+
+class ExportError(KfundusError, RuntimeError):
+    """A model cannot be exported, or its export does not reproduce the model."""

@@ -48,7 +48,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kfundus.errors import ConfigError, KfundusError
+from kfundus.errors import ConfigError, ExportError, KfundusError
 
 FORMATS = ("keras", "saved_model", "tflite")
 QUANTIZATIONS = ("float32", "float16", "dynamic_int8", "int8")
@@ -56,10 +56,6 @@ SIGNATURE_KEY = "serving_default"
 PARITY_ATOL = 1e-4
 _ERROR_TAG = "KFUNDUS_EXPORT_ERROR "
 _OPS_DOC = "https://ai.google.dev/edge/litert/models/ops_compatibility"
-
-
-class ExportError(KfundusError, RuntimeError):
-    """A model cannot be exported, or its export does not reproduce the model."""
 
 
 # ---------------------------------------------------------------------------

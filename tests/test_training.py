@@ -11,6 +11,7 @@ import pytest
 
 from kfundus import training
 from kfundus.cli import main
+from kfundus.config import load_config
 from kfundus.data.synthetic import make_odir
 from kfundus.export import run_tflite
 
@@ -103,3 +104,17 @@ def test_unreadable_image_is_named_then_skipped_and_training_resumes(tmp_path, m
     assert skipped["path"].str.endswith("3_left.jpg").tolist() == [True]
     assert "3_left.jpg" not in {Path(p).name for p in pd.read_csv(run / "splits.csv")["image"]}
     shutil.rmtree(tmp_path / "cache")
+
+
+def test_mixed_precision_run_keeps_float32_outputs_and_restores_policy(tmp_path):
+    data = make_odir(tmp_path / "data", n_patients=16, size=48, seed=3, write_masks=False)
+    config = load_config(CONFIG, ["train.epochs=1", "data.image_size=32", "data.labels=[N]",
+                                  "train.mixed_precision=true", f"output_dir={tmp_path / 'runs'}",
+                                  f"data.cache_dir={tmp_path / 'cache'}"])
+    run = training.train(config, str(data))
+    assert keras.mixed_precision.global_policy().name == "float32"  # not leaked to the caller
+    model = keras.saving.load_model(run / "model.keras")
+    assert model.get_layer("efficientnetb0").get_layer("stem_conv").dtype_policy.name == "mixed_float16"
+    assert model.get_layer("probabilities").dtype_policy.name == "float32"
+    out = model(np.zeros((1, 32, 32, 3), "float32"))
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
