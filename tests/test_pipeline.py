@@ -205,3 +205,22 @@ def test_real_full_resolution_fundus(idrid_grading, tmp_path):
     field = image.max(axis=-1) > 15
     # the field of view spans the width after cropping; black corners remain (it is a disc)
     assert field[112].mean() > 0.95 and not field[0, 0] and not field[-1, -1]
+
+
+def test_mask_follows_the_image_geometry(tmp_path):
+    """A lesion mask drawn on the original frame lands on the same pixels as the lesion
+    after crop, pad and resize (what Grad-CAM localisation is measured against)."""
+    from kfundus.data.pipeline import preprocess_mask
+
+    image = fundus_like(300, 500, 150)
+    lesion = np.zeros((300, 500), bool)
+    lesion[100:140, 200:260] = True
+    image[lesion] = (255, 255, 0)  # a yellow patch inside the field
+    path = write(tmp_path / "lesion.png", image)
+    config = Preprocess(image_size=64)
+    contents = tf.io.read_file(path)
+    processed = preprocess_image(contents, config).numpy()
+    mask = preprocess_mask(lesion, contents, config).numpy() > 0.5
+    yellow = (processed[..., 2] < 100) & (processed[..., 1] > 200)
+    iou = (mask & yellow).sum() / (mask | yellow).sum()
+    assert iou > 0.8, iou

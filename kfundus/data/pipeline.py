@@ -136,28 +136,34 @@ def decode(contents: tf.Tensor, target: int) -> tf.Tensor:
     return image
 
 
-def fundus_crop(image: tf.Tensor, threshold: float = 15.0) -> tf.Tensor:
-    """Crop to the bounding box of the field of view (pixels brighter than ``threshold``).
+def fov_box(image: tf.Tensor, threshold: float = 15.0) -> tf.Tensor:
+    """Bounding box ``[top, bottom, left, right]`` (int32, end-exclusive) of the field of
+    view: pixels whose brightest channel exceeds ``threshold``.
 
     The box is found on a 4x subsampled copy (exact to 4 pixels, 16x cheaper). A row or
     column belongs to it when more than 1 % of it is inside the field, so scattered
     bright noise in the border does not widen it. An image with no field at all
-    (entirely dark) is returned unchanged.
+    (entirely dark) gets the whole frame.
     """
     step = 4
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
     small = image[::step, ::step]
     inside = tf.cast(tf.reduce_max(small, axis=-1) > tf.cast(threshold, small.dtype), tf.float32)
-    rows = tf.where(tf.reduce_mean(inside, axis=1) > 0.01)[:, 0]
-    cols = tf.where(tf.reduce_mean(inside, axis=0) > 0.01)[:, 0]
+    rows = tf.cast(tf.where(tf.reduce_mean(inside, axis=1) > 0.01)[:, 0], tf.int32)
+    cols = tf.cast(tf.where(tf.reduce_mean(inside, axis=0) > 0.01)[:, 0], tf.int32)
 
-    def crop():
-        height, width = tf.shape(image, out_type=tf.int64)[0], tf.shape(image, out_type=tf.int64)[1]
-        r0, r1 = tf.reduce_min(rows) * step, tf.minimum((tf.reduce_max(rows) + 1) * step, height)
-        c0, c1 = tf.reduce_min(cols) * step, tf.minimum((tf.reduce_max(cols) + 1) * step, width)
-        return image[r0:r1, c0:c1]
+    def box():
+        return tf.stack([tf.reduce_min(rows) * step, tf.minimum((tf.reduce_max(rows) + 1) * step, height),
+                         tf.reduce_min(cols) * step, tf.minimum((tf.reduce_max(cols) + 1) * step, width)])
 
     has_field = tf.logical_and(tf.size(rows) > 0, tf.size(cols) > 0)
-    return tf.cond(has_field, crop, lambda: image)
+    return tf.cond(has_field, box, lambda: tf.stack([0, height, 0, width]))
+
+
+def fundus_crop(image: tf.Tensor, threshold: float = 15.0) -> tf.Tensor:
+    """Crop an image to its field of view (see ``fov_box``)."""
+    box = fov_box(image, threshold)
+    return image[box[0]:box[1], box[2]:box[3]]
 
 
 def preprocess_image(contents: tf.Tensor, config: Preprocess) -> tf.Tensor:
@@ -172,6 +178,21 @@ def preprocess_image(contents: tf.Tensor, config: Preprocess) -> tf.Tensor:
     size = config.image_size
     image = tf.image.resize_with_pad(tf.cast(image, tf.float32), size, size)
     return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def preprocess_mask(mask, contents: tf.Tensor, config: Preprocess) -> tf.Tensor:
+    """Carry a mask drawn on the original image (H, W) through the same geometry as
+    ``preprocess_image(contents, config)``: scale to the decoded size, crop to the image's
+    field of view, pad and resize. Returns float32 (size, size) in [0, 1] (fractional at
+    the edges), aligned pixel for pixel with the preprocessed image."""
+    image = decode(contents, config.image_size)
+    mask = tf.cast(tf.convert_to_tensor(mask), tf.float32)[..., None]
+    mask = tf.image.resize(mask, tf.shape(image)[:2], method="area")
+    if config.crop_fundus:
+        box = fov_box(image, config.fov_threshold)
+        mask = mask[box[0]:box[1], box[2]:box[3]]
+    size = config.image_size
+    return tf.clip_by_value(tf.image.resize_with_pad(mask, size, size)[..., 0], 0.0, 1.0)
 
 
 # ---------------------------------------------------------------------------
