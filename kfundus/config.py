@@ -65,9 +65,14 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation. ``schedule``: cosine (with ``warmup_epochs``) or constant.
     ``monitor`` is the validation metric that picks the best checkpoint and drives early
-    stopping (``early_stopping`` = patience in epochs, 0 = off)."""
+    stopping (``early_stopping`` = patience in epochs, 0 = off). ``loss``: bce,
+    weighted_bce (positive weights n_neg/n_pos from the training split, capped at
+    ``pos_weight_cap``) or focal (``focal_gamma``); see ``kfundus.losses``."""
 
     epochs: int = 20
+    loss: str = "bce"
+    pos_weight_cap: float = 50.0
+    focal_gamma: float = 2.0
     batch_size: int = 16
     optimizer: str = "adam"
     learning_rate: float = 1e-3

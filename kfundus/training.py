@@ -85,17 +85,12 @@ def preprocess_config(config: Config) -> Preprocess:
 # model pieces
 
 
-def loss_and_metrics(task: str, num_labels: int):
-    """BCE on sigmoid outputs (multi-label, binary) or categorical cross-entropy (softmax).
-
-    The sigmoid output keeps its logits (Keras computes BCE from them, i.e. BCE with
-    logits, numerically stable), while the model still returns probabilities.
-    ``auroc`` is the macro mean of per-label ROC AUCs (one-vs-rest for softmax).
-    """
+def make_metrics(task: str, num_labels: int) -> list:
+    """``auroc``: the macro mean of per-label ROC AUCs (one-vs-rest for softmax), plus accuracy."""
     auroc = keras.metrics.AUC(multi_label=True, num_labels=num_labels, name="auroc")
     if task == "multiclass":
-        return keras.losses.CategoricalCrossentropy(), [auroc, keras.metrics.CategoricalAccuracy(name="accuracy")]
-    return keras.losses.BinaryCrossentropy(), [auroc, keras.metrics.BinaryAccuracy(name="accuracy")]
+        return [auroc, keras.metrics.CategoricalAccuracy(name="accuracy")]
+    return [auroc, keras.metrics.BinaryAccuracy(name="accuracy")]
 
 
 def make_optimizer(train, steps_per_epoch: int):
@@ -170,6 +165,7 @@ def train(config: Config, data_path: str | None = None, run_dir: str | Path | No
     epoch (BackupAndRestore); a finished run is retrained from scratch only if its
     directory is removed.
     """
+    from kfundus.losses import make_loss
     from kfundus.metrics import choose_thresholds
     from kfundus.models import build_model
     from kfundus.plots import plot_training_curves
@@ -217,8 +213,12 @@ def train(config: Config, data_path: str | None = None, run_dir: str | Path | No
     try:
         model = build_model(config.model, num_outputs=len(manifest.labels), image_size=config.data.image_size,
                             task=manifest.task, two_eye=two_eye)
-        loss, metrics = loss_and_metrics(manifest.task, len(manifest.labels))
-        model.compile(optimizer=make_optimizer(train_cfg, steps), loss=loss, metrics=metrics)
+        # BCE on the sigmoid output: Keras computes it from the logits the sigmoid keeps
+        # (BCE with logits), while the model still returns probabilities.
+        loss = make_loss(train_cfg.loss, manifest.task, prepared["train"].manifest.targets(),
+                         pos_weight_cap=train_cfg.pos_weight_cap, focal_gamma=train_cfg.focal_gamma)
+        model.compile(optimizer=make_optimizer(train_cfg, steps), loss=loss,
+                      metrics=make_metrics(manifest.task, len(manifest.labels)))
         train_ds = make_dataset(prepared["train"], batch_size=batch, training=True,
                                 augment=config.data.augment, seed=train_cfg.seed)
         if train_cfg.steps_per_epoch:

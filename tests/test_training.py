@@ -118,3 +118,26 @@ def test_mixed_precision_run_keeps_float32_outputs_and_restores_policy(tmp_path)
     assert model.get_layer("probabilities").dtype_policy.name == "float32"
     out = model(np.zeros((1, 32, 32, 3), "float32"))
     assert keras.backend.standardize_dtype(out.dtype) == "float32"
+
+
+def test_rfmid_official_split_and_weighted_loss(tmp_path, capsys):
+    from kfundus.data.synthetic import make_rfmid
+
+    data = make_rfmid(tmp_path / "rfmid", n_images=40, size=48, seed=0, write_masks=False)
+    args = ["train", "--config", str(REPO / "configs" / "rfmid_efficientnet_b0.yaml"), "--data", str(data),
+            "--set", "model.weights=null", "--set", "train.mixed_precision=false", "--set", "data.image_size=32",
+            "--set", "train.epochs=1", "--set", "export.formats=[]", "--set", f"output_dir={tmp_path / 'runs'}",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    # the 46-column view of this small set has classes without any training positive
+    assert main(args) == 2
+    assert "no positive example in the training split" in capsys.readouterr().err
+    labels = "data.labels=[Disease_Risk, DR, ODC, MH]"
+    assert main(args + ["--set", 'data.options={view: "29"}', "--set", labels,
+                        "--set", "train.loss=weighted_bce"]) == 0
+    run = tmp_path / "runs" / "rfmid_efficientnet_b0"
+    splits = pd.read_csv(run / "splits.csv")
+    folder_split = splits["image"].map(lambda p: Path(p).parent.name)
+    expected = folder_split.map({"Training": "train", "Validation": "val", "Testing": "test"})
+    assert (splits["split"] == expected).all()  # the official split, untouched
+    model = keras.saving.load_model(run / "model.keras")
+    assert model.loss.pos_weight and len(model.loss.pos_weight) == 4
