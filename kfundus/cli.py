@@ -32,7 +32,7 @@ def cmd_train(args) -> int:
     from kfundus.training import train
 
     config = load_config(args.config, args.overrides)
-    run_dir = train(config, args.data, args.run_dir)
+    run_dir = train(config, args.data, args.run_dir, overwrite=args.overwrite)
     if config.export.formats and not args.no_export:
         export_run(run_dir, None)
     return 0
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset folder or label file (overrides data.path)")
     p.add_argument("--run-dir", help="where the run goes (default: <output_dir>/<name>)")
     p.add_argument("--no-export", action="store_true", help="skip the export after training")
+    p.add_argument("--overwrite", action="store_true", help="train a finished run again from scratch")
     _add_set(p)
     p.set_defaults(func=cmd_train)
 
@@ -127,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> export")
     p.add_argument("--out", default="demo")
-    p.add_argument("--patients", type=int, default=160)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--patients", type=int, default=200)
+    p.add_argument("--epochs", type=int, help="default: the demo config's")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import warnings
 from pathlib import Path
 
@@ -158,12 +159,26 @@ def predict(model, prepared, batch_size: int) -> np.ndarray:
     return np.asarray(model.predict(ds, verbose=0), dtype=np.float32)
 
 
-def train(config: Config, data_path: str | None = None, run_dir: str | Path | None = None) -> Path:
+def _start_or_resume(run_dir: Path, overwrite: bool) -> None:
+    """An interrupted run (``backup/`` present) resumes; a finished one (``model.keras``, no
+    backup) is an error unless ``overwrite``, which clears its results first."""
+    finished = (run_dir / "model.keras").exists() and not (run_dir / "backup").exists()
+    if finished and not overwrite:
+        raise ConfigError(f"run {run_dir} has already finished (model.keras). Train again from scratch "
+                          "with --overwrite, or give another --run-dir")
+    if finished:
+        for name in ("history.csv", "best.keras", "model.keras", "thresholds.json", "skipped.csv"):
+            (run_dir / name).unlink(missing_ok=True)
+        for folder in ["tensorboard", *[p.name for p in run_dir.glob("eval-*")]]:
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
+
+
+def train(config: Config, data_path: str | None = None, run_dir: str | Path | None = None,
+          overwrite: bool = False) -> Path:
     """Train the model a config describes; return the run directory.
 
     Re-running the same command after an interruption resumes from the last finished
-    epoch (BackupAndRestore); a finished run is retrained from scratch only if its
-    directory is removed.
+    epoch (BackupAndRestore). Re-running a finished run is an error unless ``overwrite``.
     """
     from kfundus.losses import make_loss
     from kfundus.metrics import choose_thresholds
@@ -172,6 +187,7 @@ def train(config: Config, data_path: str | None = None, run_dir: str | Path | No
 
     run_dir = Path(run_dir or Path(config.output_dir) / config.name)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _start_or_resume(run_dir, overwrite)
     if data_path:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(data_path)))
     save_config(config, run_dir / "config.yaml")

@@ -98,6 +98,9 @@ def test_unreadable_image_is_named_then_skipped_and_training_resumes(tmp_path, m
     monkeypatch.setattr(training, "make_callbacks", original)
     assert main(train_args(data, tmp_path, *skip)) == 0
     run = tmp_path / "runs" / "demo_synthetic"
+    # a finished run is not silently mixed with a new one
+    assert main(train_args(data, tmp_path, *skip)) == 2
+    assert "--overwrite" in capsys.readouterr().err
     # resumed at the third epoch: each epoch logged once, none repeated
     assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [0, 1, 2]
     skipped = pd.read_csv(run / "skipped.csv")
