@@ -224,3 +224,26 @@ def test_mask_follows_the_image_geometry(tmp_path):
     yellow = (processed[..., 2] < 100) & (processed[..., 1] > 200)
     iou = (mask & yellow).sum() / (mask | yellow).sum()
     assert iou > 0.8, iou
+
+
+def _saturation(images):
+    """Mean HSV saturation of float RGB images in [0, 255]."""
+    hi, lo = images.max(axis=-1), images.min(axis=-1)
+    return float(np.mean(np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-6), 0.0)))
+
+
+@pytest.mark.parametrize("jitter", [dict(saturation=0.1), dict(hue=0.02), dict(brightness=0.1),
+                                    dict(contrast=0.1)])
+def test_colour_jitter_is_mild(tmp_path, jitter):
+    """A jitter strength of 0.1 keeps images close to the originals (Keras' saturation
+    factor convention once turned every image grey)."""
+    rng = np.random.default_rng(0)
+    paths = [write(tmp_path / f"c{i}.png", fundus_like(64, 64, 30, value=tuple(rng.integers(60, 240, 3))))
+             for i in range(8)]
+    prepared = prepare(manifest_of(paths), Preprocess(image_size=32, crop_fundus=False), cache_dir=tmp_path / "c",
+                       progress=False)
+    plain = np.concatenate([x.numpy() for x, _ in make_dataset(prepared, batch_size=8)])
+    jittered = np.concatenate([x.numpy() for x, _ in make_dataset(prepared, batch_size=8, training=True,
+                                                                   augment=Augment(**jitter))])
+    assert 0.8 < _saturation(jittered) / _saturation(plain) < 1.2
+    assert abs(jittered.mean() - plain.mean()) < 0.15 * plain.mean()

@@ -80,7 +80,11 @@ class Augment:
         rotation: maximum rotation in degrees (0 disables).
         hflip, vflip: random horizontal / vertical flips.
         zoom: maximum relative scale change (0.1 = 90 % to 110 %).
-        brightness, contrast, saturation, hue: colour-jitter strengths (0 disables each).
+        brightness: shift by up to this fraction of the value range.
+        contrast: multiply contrast by a factor in [1 - c, 1 + c].
+        saturation: multiply saturation by a factor in [1 - s, 1 + s].
+        hue: rotate hue by up to this fraction of half the colour circle.
+        (0 disables each.)
     """
 
     rotation: float = 0.0
@@ -371,8 +375,14 @@ def augmenter(augment: Augment, seed: int | None = None):
     if augment.zoom:
         layers.append(keras.layers.RandomZoom(augment.zoom, fill_mode="constant", seed=seed))
     jitter = dict(brightness_factor=augment.brightness, contrast_factor=augment.contrast,
-                  saturation_factor=augment.saturation, hue_factor=augment.hue)
+                  hue_factor=augment.hue)
     jitter = {k: v for k, v in jitter.items() if v}
+    if augment.saturation:
+        # Keras' saturation factor f means a multiplier f / (1 - f) (0.5 = identity), and a
+        # single float f means the range [0, f]: saturation=0.1 would turn every image grey.
+        # A multiplier in [1 - s, 1 + s] is the range below.
+        s = augment.saturation
+        jitter["saturation_factor"] = ((1 - s) / (2 - s), (1 + s) / (2 + s))
     if jitter:
         layers.append(keras.layers.RandomColorJitter(value_range=(0, 255), seed=seed, **jitter))
     return keras.Sequential(layers, name="augment")
