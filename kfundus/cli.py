@@ -3,6 +3,7 @@
     train     --config configs/X.yaml --data DIR [--set key=value ...] [--run-dir DIR]
     evaluate  --run runs/NAME [--data DIR] [--split test|val|train|all] [--set key=value ...]
     export    --run runs/NAME [--out saved_models/NAME]
+    explain   --run runs/NAME --images DIR_OR_GLOB | --split test [--classes predicted|G,C] [--out DIR]
     synth     --layout odir|rfmid --out DIR [...]   (synthetic data in the public layouts)
     demo      [--out demo]  synthetic data -> train -> evaluate -> export, in a few minutes
 
@@ -83,12 +84,6 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_synth(args) -> int:
-    from kfundus.data import synthetic
-
-    return synthetic.main(args.rest)
-
-
 def cmd_demo(args) -> int:
     from kfundus.demo import run_demo
 
@@ -122,9 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="default: saved_models/<run name>")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("synth", help="write a synthetic dataset (python -m kfundus synth -- --help)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_synth)
+    sub.add_parser("explain", help="Grad-CAM overlays (kfundus explain --help)")
+    sub.add_parser("synth", help="write a synthetic dataset in a public layout (kfundus synth --help)")
 
     p = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> export")
     p.add_argument("--out", default="demo")
@@ -134,7 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PASS_THROUGH = {"explain": "kfundus.explain:main_explain", "synth": "kfundus.data.synthetic:main"}
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASS_THROUGH:  # commands with their own parser (and --help)
+        import importlib
+
+        module, func = PASS_THROUGH[argv[0]].split(":")
+        return getattr(importlib.import_module(module), func)(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

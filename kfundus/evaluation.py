@@ -2,8 +2,9 @@
 
 Writes into ``<run>/eval-<split>/``: ``predictions.csv`` (one row per image or patient,
 true labels and probabilities), ``metrics.json`` (everything, thresholds included),
-``per_class.csv``, ``roc.png``, ``pr.png``, ``confusion.png``, ``report.html`` and, for
-ODIR labels at patient level, the official submission CSV ``odir_submission.csv``.
+``per_class.csv``, ``roc.png``, ``pr.png``, ``confusion.png``, a Grad-CAM gallery per class
+(``gallery_<label>.png``: the most confident true and false positives), ``report.html``
+and, for ODIR labels at patient level, the official submission CSV ``odir_submission.csv``.
 
 Which rows are evaluated: when the dataset is the one the run was trained on, the
 run's own ``splits.csv`` decides (a patient never moves between splits, even if the
@@ -54,8 +55,9 @@ def _ids(manifest: Manifest) -> pd.Series:
     return frame["patient_id"].astype(str)
 
 
-def evaluate_run(run_dir, data_path=None, *, split="test", overrides=None, out_dir=None) -> dict:
-    """Evaluate ``run_dir/model.keras`` on a split of a dataset; return the metrics dict."""
+def evaluate_run(run_dir, data_path=None, *, split="test", overrides=None, out_dir=None, gallery=True) -> dict:
+    """Evaluate ``run_dir/model.keras`` on a split of a dataset; return the metrics dict.
+    ``gallery`` adds Grad-CAM overlays of true and false positives per class."""
     from kfundus.metrics import evaluate_predictions, per_class_metrics, to_jsonable, write_odir_submission
     from kfundus.plots import plot_confusion_matrices, plot_pr_curves, plot_roc_curves
 
@@ -107,9 +109,39 @@ def evaluate_run(run_dir, data_path=None, *, split="test", overrides=None, out_d
                             thresholds=None if manifest.task == "multiclass" else np.asarray(thresholds))
     if labels == ODIR_LABELS and manifest.level == "patient":
         write_odir_submission(manifest.frame["patient_id"], y_prob, out / "odir_submission.csv")
+    if gallery:
+        gradcam_gallery(model, manifest, y_prob, thresholds, preprocess_config(config), out)
     _write_html(out, metrics)
     print(f"evaluated {len(manifest)} rows ({scope}); report: {out / 'report.html'}")
     return metrics
+
+
+def gradcam_gallery(model, manifest: Manifest, y_prob, thresholds, preprocess, out: Path, *, per_row: int = 4):
+    """Per class, Grad-CAM overlays of the most confident true positives and false
+    positives, written as ``gallery_<label>.png``. Returns the files written (none for
+    two-eye models, which Grad-CAM does not support yet)."""
+    from kfundus.explain import GradCAM, load_images, overlay
+    from kfundus.plots import plot_image_grid
+
+    if manifest.level != "eye":
+        return []
+    y_true = manifest.targets()
+    if manifest.task == "multiclass":
+        predicted = np.eye(len(manifest.labels))[np.argmax(y_prob, axis=1)].astype(bool)
+    else:
+        predicted = y_prob > np.asarray(thresholds)[None, :]
+    explainer, files = GradCAM(model), []
+    for k, label in enumerate(manifest.labels):
+        rows = {}
+        for name, wanted in (("true positives", 1), ("false positives", 0)):
+            hits = np.flatnonzero(predicted[:, k] & (y_true[:, k] == wanted))
+            hits = hits[np.argsort(-y_prob[hits, k])][:per_row]
+            images = load_images(manifest.frame["image"].iloc[hits], preprocess)
+            cams = explainer(images, k) if len(hits) else []
+            rows[name] = [(overlay(img, cam), f"{Path(manifest.frame['image'].iloc[i]).stem} p={y_prob[i, k]:.2f}")
+                          for i, img, cam in zip(hits, images, cams)]
+        files.append(plot_image_grid(rows, out / f"gallery_{label}.png", title=f"Grad-CAM, {label}"))
+    return files
 
 
 def _write_html(out: Path, metrics: dict) -> None:
@@ -125,8 +157,9 @@ def _write_html(out: Path, metrics: dict) -> None:
     if odir:
         odir_html = ("<h2>Official ODIR score (pooled over patients x labels, threshold 0.5)</h2><p>"
                      + ", ".join(f"{k} = {_fmt(v)}" for k, v in odir.items()) + "</p>")
+    names = ["roc.png", "pr.png", "confusion.png"] + sorted(p.name for p in out.glob("gallery_*.png"))
     images = "".join(f'<figure><img src="{name}" width="600"><figcaption>{name}</figcaption></figure>'
-                     for name in ("roc.png", "pr.png", "confusion.png") if (out / name).exists())
+                     for name in names if (out / name).exists())
     page = (f"<html><head><meta charset='utf-8'><title>kfundus evaluation</title></head><body>"
             f"<h1>kfundus evaluation</h1><table>{rows}</table>{odir_html}<h2>Per class</h2>{table}{images}"
             f"<p>All figures: metrics.json. Macro means exclude classes without both positives and negatives "

@@ -277,3 +277,30 @@ def plot_training_curves(history_csv, path) -> Path:
     fig.suptitle(f"Training history: {history_csv.name}")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_image_grid(rows: dict, path, title=None) -> Path:
+    """A grid of images with captions: ``{row title: [(uint8 HxWx3, caption), ...]}``,
+    one row per key (rows may have different lengths; empty rows say "none")."""
+    columns = max([len(v) for v in rows.values()] + [1])
+    fig = _new_figure(2.2 * columns + 0.8, 2.4 * len(rows) + (0.4 if title else 0))
+    axes = fig.subplots(len(rows), columns, squeeze=False)
+    for r, (row_title, items) in enumerate(rows.items()):
+        for c in range(columns):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(items):
+                image, caption = items[c]
+                ax.imshow(image)
+                ax.set_title(caption, fontsize=8)
+            else:
+                for side in ax.spines.values():
+                    side.set_visible(False)
+                if not items and c == 0:
+                    ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
+            if c == 0:
+                ax.set_ylabel(row_title, fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

@@ -54,8 +54,10 @@ def test_model_learns_and_evaluation_report(trained):
     per_class = {row["label"]: row for row in metrics["per_class"]}
     assert per_class["C"]["support"] >= 5
     assert per_class["C"]["auroc"] > 0.9, per_class  # the synthetic cataract haze is learned
-    for name in ["predictions.csv", "per_class.csv", "roc.png", "pr.png", "confusion.png", "report.html"]:
+    for name in ["predictions.csv", "per_class.csv", "roc.png", "pr.png", "confusion.png", "report.html",
+                 "gallery_N.png", "gallery_C.png"]:
         assert (report / name).stat().st_size > 0, name
+    assert "gallery_C.png" in (report / "report.html").read_text()
     # the predictions file lines up with the test split
     predictions = pd.read_csv(report / "predictions.csv")
     splits = pd.read_csv(run / "splits.csv")

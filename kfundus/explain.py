@@ -1,0 +1,599 @@
+"""Grad-CAM explanations for kfundus CNN classifiers, measured rather than only drawn.
+
+``gradcam`` / ``GradCAM`` (Selvaraju et al. 2017) explain any single-input Keras CNN, flat
+or with its backbone nested as one layer (kfundus EfficientNet-B0: ``efficientnetb0`` /
+``top_activation``), mixed-precision models included (maps computed in float32).
+``save_overlays`` writes image | heat-map PNGs captioned ``"<label> p=0.93"``;
+``localisation_report`` measures the Grad-CAM energy inside synthetic lesion masks against
+their area, and the pointing game; ``randomisation_check`` is the sanity check of Adebayo
+et al. (2018); ``main_explain`` is the ``kfundus explain`` command.
+
+Choices where the paper leaves room:
+
+- The gradient is that of the class **logit**, as in the paper: the output of a layer
+  named ``logits`` (every kfundus model has one), else the input of a final
+  ``Activation`` layer, else the model output. For a sigmoid the probability would give
+  the same normalised map (the gradients differ by the factor p(1-p) > 0) except where it
+  saturates and its gradient vanishes; for a softmax the two differ.
+- Channel weights are the spatial means of the gradients; the map ``ReLU(sum_k w_k A_k)``
+  is upsampled bilinearly to the input size and divided by its maximum, so it lies in
+  [0, 1]; a map without positive evidence is all zeros. Dropout and BatchNormalization run
+  in inference mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import glob
+import json
+import re
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from kfundus.errors import ConfigError, DataError, KfundusError
+
+# Synthetic masks that are the whole field of view (cataract, myopia; RFMiD columns too).
+WHOLE_FIELD_LABELS = frozenset({"C", "M", "MH", "MYA", "TSLN"})
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+# ---------------------------------------------------------------------------
+# Grad-CAM
+
+
+def _last_4d_layer(model):
+    for layer in reversed(model.layers):
+        try:  # .output raises for a layer never called, or called more than once
+            if not isinstance(layer, keras.layers.InputLayer) and len(layer.output.shape) == 4:
+                return layer
+        except (AttributeError, ValueError):
+            continue
+    return None
+
+
+def find_target_layer(model: keras.Model, layer: str | None = None):
+    """``(backbone, layer)``: the layer Grad-CAM reads and the nested model holding it
+    (None when the layer is in ``model`` itself).
+
+    ``layer`` is a name searched in the model, then in its nested models
+    (``"backbone/layer"`` picks the backbone); a nested model's name means its last 4-D
+    layer. None: the model's last layer with a 4-D output, or, when that is a nested
+    backbone, the backbone's last one (``top_activation`` for EfficientNet-B0).
+    """
+    names = [x.name for x in model.layers]
+    nested = [x for x in model.layers if isinstance(x, keras.Model)]
+    if layer is None or (layer in names and isinstance(model.get_layer(layer), keras.Model)):
+        found = _last_4d_layer(model) if layer is None else model.get_layer(layer)
+        inner = _last_4d_layer(found) if isinstance(found, keras.Model) else found
+        if inner is None:
+            raise ConfigError(f"model {model.name} has no layer with a 4-D output where Grad-CAM looked "
+                              f"({(found or model).name}): it needs a CNN, or name its layer")
+        return (found if inner is not found else None), inner
+    if "/" in layer:
+        outer, layer = layer.split("/", 1)
+        nested = [m for m in nested if m.name == outer]
+    elif layer in names:
+        return None, model.get_layer(layer)
+    for backbone in nested:
+        if layer in [x.name for x in backbone.layers]:
+            return backbone, backbone.get_layer(layer)
+    raise ConfigError(f"layer {layer!r} is not in model {model.name} nor in its nested models "
+                      f"{[m.name for m in nested]}; the model's layers are {names}")
+
+
+def _logits_tensor(model: keras.Model):
+    """The symbolic class scores the gradient is taken of (see the module docstring)."""
+    if len(model.outputs) != 1:
+        raise ConfigError(f"model {model.name} has {len(model.outputs)} outputs: Grad-CAM needs one")
+    if "logits" in [layer.name for layer in model.layers]:
+        return model.get_layer("logits").output
+    return model.layers[-1].input if isinstance(model.layers[-1], keras.layers.Activation) else model.outputs[0]
+
+
+class GradCAM:
+    """A reusable Grad-CAM explainer for one model and layer (see ``gradcam``): built and
+    traced once, then called on any number of batches.
+
+    >>> maps = GradCAM(model)(images, class_index=1)  # doctest: +SKIP
+    """
+
+    def __init__(self, model: keras.Model, layer: str | None = None):
+        if len(model.inputs) != 1:
+            raise ConfigError(f"model {model.name} has inputs {[t.name for t in model.inputs]}: two-eye "
+                              "models are not supported by Grad-CAM yet; explain a single-eye model")
+        self.model = model
+        self.backbone, self.layer = find_target_layer(model, layer)
+        logits = _logits_tensor(model)
+        self.num_classes = int(logits.shape[-1])
+        if self.backbone is None:
+            self._forward = keras.Model(model.inputs, [self.layer.output, logits])
+        else:
+            self._forward = self._nested_forward(model, self.backbone, self.layer, logits)
+        self._step = None
+
+    @staticmethod
+    def _nested_forward(model, backbone, layer, logits):
+        """inputs -> (inner activation, logits) through a backbone nested as one layer."""
+        nodes = backbone._inbound_nodes
+        if len(nodes) != 1:
+            raise ConfigError(f"the backbone {backbone.name} is called {len(nodes)} times in {model.name} "
+                              "(a shared two-eye backbone?): Grad-CAM needs one call")
+        (call_input,), (call_output,) = nodes[0].input_tensors, nodes[0].output_tensors
+        inner = keras.Model(backbone.inputs[0], [layer.output, backbone.outputs[0]])
+        head = keras.Model(call_output, logits)
+        pre = None if call_input is model.inputs[0] else keras.Model(model.inputs[0], call_input)
+
+        def forward(x, training=False):
+            activation, features = inner(x if pre is None else pre(x, training=training), training=training)
+            return activation, head(features, training=training)
+
+        return forward
+
+    def _compute(self, images, classes):
+        images = tf.convert_to_tensor(images, tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(images)  # records the graph even when every weight is frozen
+            activation, logits = self._forward(images, training=False)
+            score = tf.gather(tf.cast(logits, tf.float32), classes[:, None], batch_dims=1)
+        grads = tape.gradient(score, activation)
+        activation, grads = tf.cast(activation, tf.float32), tf.cast(grads, tf.float32)
+        weights = tf.reduce_mean(grads, axis=(1, 2))
+        cam = tf.nn.relu(tf.einsum("nhwc,nc->nhw", activation, weights))
+        cam = tf.image.resize(cam[..., None], tf.shape(images)[1:3], method="bilinear")[..., 0]
+        peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
+        return tf.clip_by_value(tf.math.divide_no_nan(cam, peak), 0.0, 1.0)
+
+    def _batch(self, images) -> np.ndarray:
+        images = np.asarray(images, dtype=np.float32)
+        images = images[None] if images.ndim == 3 else images
+        expected = tuple(self.model.inputs[0].shape[1:])
+        if images.ndim != 4 or any(e is not None and e != g for e, g in zip(expected, images.shape[1:])):
+            raise ConfigError(f"images of shape {images.shape[1:]} given to model {self.model.name}, "
+                              f"which takes {expected}: preprocess them to its image size")
+        return images
+
+    def __call__(self, images, class_index, *, batch_size: int = 32) -> np.ndarray:
+        images = self._batch(images)
+        classes = np.broadcast_to(np.asarray(class_index, dtype=np.int32), (len(images),))
+        if ((classes < 0) | (classes >= self.num_classes)).any():
+            raise ConfigError(f"class index out of range in {sorted(set(classes.tolist()))}: model "
+                              f"{self.model.name} has {self.num_classes} outputs")
+        if self._step is None:  # one trace for every batch size and class list
+            spec = tf.TensorSpec([None, *self.model.inputs[0].shape[1:]], tf.float32)
+            # (a partial, so that TF's retracing detector counts each explainer apart)
+            self._step = tf.function(functools.partial(GradCAM._compute, self),
+                                     input_signature=[spec, tf.TensorSpec([None], tf.int32)])
+        out = [self._step(images[i:i + batch_size], tf.constant(classes[i:i + batch_size]))
+               for i in range(0, len(images), batch_size)]
+        return np.concatenate([o.numpy() for o in out]) if out else np.zeros((0,) + images.shape[1:3], np.float32)
+
+    def predict(self, images) -> np.ndarray:
+        """The model's output (probabilities) for a batch, float32."""
+        return np.asarray(self.model(self._batch(images), training=False), dtype=np.float32)
+
+
+def gradcam(model: keras.Model, images, class_index, *, layer: str | None = None,
+            batch_size: int = 32) -> np.ndarray:
+    """Grad-CAM maps of ``model`` for one class per image.
+
+    Args:
+        model: a single-input CNN classifier, flat or with a nested backbone, any dtype
+            policy (mixed_float16 models are explained in float32).
+        images: (N, H, W, 3) or (H, W, 3) model inputs (kfundus: float32 RGB in [0, 255]).
+        class_index: the output index explained, one int or one per image.
+        layer: the convolutional layer (see ``find_target_layer``); None: the last one.
+        batch_size: images per gradient computation.
+
+    Returns:
+        float32 (N, H, W) in [0, 1], each map divided by its maximum (all zeros when no
+        location has positive evidence).
+    """
+    return GradCAM(model, layer)(images, class_index, batch_size=batch_size)
+
+
+# ---------------------------------------------------------------------------
+# Overlays
+
+
+def overlay(image, cam, *, alpha: float = 0.4) -> np.ndarray:
+    """``(1 - alpha) * image + alpha * jet(cam)`` as uint8 (H, W, 3).
+
+    ``image``: (H, W, 3) RGB in [0, 255]; ``cam``: in [0, 1], resized bilinearly to the
+    image when its size differs.
+    """
+    from matplotlib import colormaps
+    from PIL import Image
+
+    image = np.clip(np.asarray(image, dtype=np.float32), 0, 255)
+    cam = np.clip(np.nan_to_num(np.asarray(cam, dtype=np.float32)), 0, 1)
+    if cam.shape != image.shape[:2]:
+        cam = np.asarray(Image.fromarray(cam).resize(image.shape[1::-1], Image.BILINEAR))
+    heat = colormaps["jet"](np.clip(cam, 0, 1))[..., :3] * 255.0
+    return np.clip((1 - alpha) * image + alpha * heat + 0.5, 0, 255).astype(np.uint8)
+
+
+def _panel(image, cam, caption: str, alpha: float, min_side: int = 256):
+    """The preprocessed image and its overlay side by side, the caption underneath."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    scale = max(1, -(-min_side // image.shape[0]))  # small inputs are enlarged (nearest)
+    left = Image.fromarray(np.clip(image + 0.5, 0, 255).astype(np.uint8))
+    right = Image.fromarray(overlay(image, cam, alpha=alpha))
+    w, h = left.width * scale, left.height * scale
+    font = ImageFont.load_default(size=max(12, h // 16))
+    canvas = Image.new("RGB", (2 * w + 4, h + max(18, h // 12)), "white")
+    canvas.paste(left.resize((w, h), Image.NEAREST), (0, 0))
+    canvas.paste(right.resize((w, h), Image.NEAREST), (w + 4, 0))
+    ImageDraw.Draw(canvas).text((4, h + 1), caption, fill="black", font=font)
+    return canvas
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_preprocess(config):
+    from kfundus.data.pipeline import preprocess_image
+
+    return tf.function(lambda contents: preprocess_image(contents, config))
+
+
+def load_images(paths, preprocess) -> np.ndarray:
+    """Files read through ``preprocess_image``: float32 (N, S, S, 3); an unreadable file is
+    a DataError naming it."""
+    fn, out = _compiled_preprocess(preprocess), []
+    for path in paths:
+        try:
+            out.append(fn(tf.io.read_file(str(path))).numpy())
+        except tf.errors.OpError as exc:
+            raise DataError(f"cannot read image {path}: {exc.message.split('[Op:')[0].strip()}") from None
+    size = preprocess.image_size
+    return np.stack(out) if out else np.zeros((0, size, size, 3), np.float32)
+
+
+def _class_ids(classes, labels) -> np.ndarray | None:
+    """``"predicted"`` -> None; a label, an index or a list of either -> indices."""
+    if isinstance(classes, str) and classes == "predicted":
+        return None
+    items = [classes] if isinstance(classes, (str, int, np.integer)) else list(classes)
+    items = [int(c) if isinstance(c, str) and c not in labels and c.isdigit() else c for c in items]
+    bad = [c for c in items if c not in labels and not (isinstance(c, (int, np.integer)) and 0 <= c < len(labels))]
+    if bad:
+        raise ConfigError(f"class {bad[0]!r} is not one of the model's labels {labels} (or 'predicted')")
+    return np.asarray([labels.index(c) if c in labels else int(c) for c in items], dtype=int)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text))
+
+
+def _output_names(paths) -> list[str]:
+    """Image stems, prefixed with the parent folder where two files share a stem."""
+    stems = [Path(p).stem for p in paths]
+    dupes = {s for s in stems if stems.count(s) > 1}
+    return [_safe(f"{Path(p).parent.name}_{s}" if s in dupes else s) for p, s in zip(paths, stems)]
+
+
+def save_overlays(model, image_paths, out_dir, *, labels, preprocess, classes="predicted",
+                  threshold=0.5, batch_size: int = 16, layer: str | None = None, alpha: float = 0.4,
+                  progress: bool = True) -> pd.DataFrame:
+    """Write one PNG per (image, class): the preprocessed image next to its Grad-CAM
+    overlay, captioned ``"<label> p=0.93"``, named ``<stem>__<label>_<p>.png`` (e.g.
+    ``123_left__G_0.93.png``; the parent folder prefixes stems that two images share).
+
+    Args:
+        model: a single-input classifier (see ``gradcam``); ``labels``: its output names.
+        image_paths: image files, each read through ``preprocess_image``.
+        out_dir: the folder to write (created).
+        preprocess: the ``Preprocess`` the model was trained with.
+        classes: ``"predicted"`` (every class whose probability exceeds ``threshold``),
+            a label, an output index, or a list of them (explained for every image).
+        threshold: one decision threshold, or one per label (e.g. a run's thresholds).
+        batch_size, layer: see ``gradcam``; ``alpha``: see ``overlay``;
+        progress: a tqdm progress bar.
+
+    Returns:
+        A DataFrame with columns image, label, probability, file (one row per PNG).
+    """
+    from tqdm.auto import tqdm
+
+    labels = list(labels)
+    explainer = GradCAM(model, layer)
+    if explainer.num_classes != len(labels):
+        raise ConfigError(f"{len(labels)} labels {labels} given for a model with {explainer.num_classes} outputs")
+    chosen = _class_ids(classes, labels)
+    thresholds = np.broadcast_to(np.asarray(threshold, dtype=float), (len(labels),))
+    paths = [Path(p) for p in image_paths]
+    if not paths:
+        raise DataError("no images to explain: the list of image paths is empty")
+    names, out_dir = _output_names(paths), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for start in tqdm(range(0, len(paths), batch_size), desc="Grad-CAM", unit="batch", disable=not progress):
+        images = load_images(paths[start:start + batch_size], preprocess)
+        probs = explainer.predict(images)
+        pairs = [(i, int(c)) for i in range(len(images))
+                 for c in (chosen if chosen is not None else np.flatnonzero(probs[i] > thresholds))]
+        if not pairs:
+            continue
+        index = np.array([i for i, _ in pairs])
+        maps = explainer(images[index], [c for _, c in pairs])
+        for (i, c), cam in zip(pairs, maps):
+            p = float(probs[i, c])
+            file = out_dir / f"{names[start + i]}__{_safe(labels[c])}_{p:.2f}.png"
+            _panel(images[i], cam, f"{labels[c]} p={p:.2f}", alpha).save(file)
+            rows.append({"image": str(paths[start + i]), "label": labels[c], "probability": p, "file": str(file)})
+    return pd.DataFrame(rows, columns=["image", "label", "probability", "file"])
+
+
+# ---------------------------------------------------------------------------
+# Measured localisation
+
+
+def _per_image(cams, masks, tolerance: int):
+    """Per image: energy share inside the mask, mask area share, pointing-game hit."""
+    cams = np.asarray(cams, dtype=np.float64)
+    masks = np.asarray(masks, dtype=np.float64)
+    if cams.shape != masks.shape or cams.ndim != 3:
+        raise ValueError(f"cams {cams.shape} and masks {masks.shape} must both be (N, H, W)")
+    total = cams.sum(axis=(1, 2))
+    inside = (cams * masks).sum(axis=(1, 2))
+    energy = np.divide(inside, total, out=np.zeros_like(total), where=total > 0)
+    area = masks.mean(axis=(1, 2))
+    n, h, w = cams.shape
+    if n == 0:
+        return energy, area, np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)
+    rows, cols = np.divmod(cams.reshape(n, -1).argmax(axis=1), w)
+    yy, xx = np.mgrid[-tolerance:tolerance + 1, -tolerance:tolerance + 1]
+    near = yy**2 + xx**2 <= tolerance**2  # a disc of the tolerance's radius
+    r, c = rows[:, None] + yy[near], cols[:, None] + xx[near]
+    inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+    on_mask = masks[np.arange(n)[:, None], r.clip(0, h - 1), c.clip(0, w - 1)] >= 0.5
+    hits = (on_mask & inside).any(axis=1) & (total > 0)  # an empty map points nowhere: a miss
+    return energy, area, hits, total <= 0
+
+
+def localisation(cams, masks, *, tolerance: int = 0) -> dict:
+    """How well maps fall on lesions.
+
+    Args:
+        cams: (N, H, W) non-negative maps.
+        masks: (N, H, W) lesion masks in [0, 1] aligned with the maps (e.g. by
+            ``preprocess_mask``); fractional edge pixels count fractionally.
+        tolerance: pointing-game tolerance in pixels: a map's maximum is a hit when a mask
+            pixel (>= 0.5) lies within this Euclidean distance (0: the pixel itself). Zhang
+            et al. (2016) used 15 px at ~224 px; maps upsampled from coarse grids justify a few.
+
+    Returns:
+        ``energy_in_mask``: share of each map's total energy inside its mask, averaged
+        over images (an all-zero map counts 0); ``area_share``: mask area over image
+        area, averaged; ``ratio``: energy_in_mask / area_share (1 = no better than
+        chance, the issue asks >= 3); ``pointing_game``: share of images whose map
+        maximum hits the mask; ``n``; ``empty_maps``; ``tolerance``.
+    """
+    energy, area, hits, empty = _per_image(cams, masks, tolerance)
+    n = len(energy)
+    e, a, p = (float(np.mean(v)) if n else float("nan") for v in (energy, area, hits))
+    return {"n": n, "energy_in_mask": e, "area_share": a, "ratio": e / a if n and a > 0 else float("nan"),
+            "pointing_game": p, "empty_maps": int(np.sum(empty)), "tolerance": tolerance}
+
+
+def _dataset_images(dataset_dir: Path) -> list[Path]:
+    """The images of a synthetic dataset that have a mask file (ODIR or RFMiD layout)."""
+    def mask_file(path):
+        rel = path.relative_to(dataset_dir).parts
+        return dataset_dir.joinpath("masks", *(rel[1:] if rel[0] == "images" else rel)).with_suffix(".npz")
+
+    return [p for p in sorted(dataset_dir.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES
+            and p.relative_to(dataset_dir).parts[0] != "masks" and mask_file(p).exists()]
+
+
+def localisation_report(model, dataset_dir, labels, preprocess, *, classes=None, images=None,
+                        layer: str | None = None, tolerance: int = 0, threshold=0.5,
+                        batch_size: int = 16, progress: bool = False) -> pd.DataFrame:
+    """Localisation of a model's Grad-CAM maps on a synthetic dataset, per class.
+
+    For each class, **every image that has the lesion** is explained for that class,
+    predicted or not (the measure is not conditioned on the model's decision; the column
+    ``predicted`` counts those above ``threshold``). Masks from ``load_masks`` go through
+    the image's own geometry (``preprocess_mask``).
+
+    Args:
+        model: the classifier; ``labels``: its output names.
+        dataset_dir: a folder written by ``make_odir`` / ``make_rfmid`` with masks.
+        preprocess: the ``Preprocess`` the model was trained with.
+        classes: labels to measure. Default: all but ``N`` and the whole-field findings
+            (cataract ``C``, myopia ``M``, their RFMiD columns): their mask is the entire
+            field of view, where localisation is meaningless.
+        images: the image paths to use (e.g. a held-out split); default all with masks.
+        layer, batch_size: see ``gradcam``; ``tolerance``: see ``localisation``.
+        threshold: for the ``predicted`` column (one value or one per label).
+
+    Returns:
+        One row per class: label, images, predicted, energy_in_mask, area_share, ratio,
+        pointing_game, empty_maps.
+    """
+    from tqdm.auto import tqdm
+
+    from kfundus.data.pipeline import preprocess_mask
+    from kfundus.data.synthetic import load_masks
+
+    labels, dataset_dir = list(labels), Path(dataset_dir)
+    classes = [c for c in labels if c != "N" and c not in WHOLE_FIELD_LABELS] if classes is None else list(classes)
+    if set(classes) - set(labels):
+        raise ConfigError(f"classes {sorted(set(classes) - set(labels))} are not among the model's labels {labels}")
+    paths = _dataset_images(dataset_dir) if images is None else [  # relative: to the dataset folder
+        Path(p) if Path(p).is_absolute() or Path(p).exists() else dataset_dir / p for p in images]
+    explainer = GradCAM(model, layer)
+    thresholds = np.broadcast_to(np.asarray(threshold, dtype=float), (len(labels),))
+    per_class = {c: [] for c in classes}
+    for start in tqdm(range(0, len(paths), batch_size), desc="localisation", disable=not progress):
+        chunk = paths[start:start + batch_size]
+        pairs = [(i, c, m[c]) for i, p in enumerate(chunk) for m in [load_masks(dataset_dir, p)]
+                 for c in classes if c in m]
+        if not pairs:
+            continue
+        batch = load_images(chunk, preprocess)
+        probs = explainer.predict(batch)
+        index = np.array([i for i, _, _ in pairs])
+        maps = explainer(batch[index], [labels.index(c) for _, c, _ in pairs])
+        for (i, c, mask), cam in zip(pairs, maps):
+            aligned = preprocess_mask(mask, tf.io.read_file(str(chunk[i])), preprocess).numpy()
+            per_class[c].append((cam, aligned, probs[i, labels.index(c)] > thresholds[labels.index(c)]))
+    rows = []
+    for c in classes:
+        cams, masks, predicted = (np.stack(v) for v in zip(*per_class[c])) if per_class[c] else [np.zeros((0, 1, 1))] * 3
+        summary = localisation(cams, masks, tolerance=tolerance)
+        keys = ("energy_in_mask", "area_share", "ratio", "pointing_game", "empty_maps")
+        rows.append({"label": c, "images": summary["n"], "predicted": int(np.sum(predicted)),
+                     **{k: summary[k] for k in keys}})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------
+# Sanity check
+
+
+def randomisation_check(model, images, class_index, *, layer: str | None = None, repeats: int = 3,
+                        seed: int | None = None, batch_size: int = 32) -> dict:
+    """Model-randomisation test of Adebayo et al. (2018): Grad-CAM maps of the trained
+    model against those of the same architecture with every weight re-initialised
+    (``keras.models.clone_model`` draws fresh initial values; BatchNorm statistics
+    reset). Maps that barely change reflect the input or the architecture, not the model.
+
+    One random network is a noisy reference: by the signs its initial weights happen to
+    take, its map favours the same high-contrast structures as the trained one or their
+    complement (synthetic DR: single-draw means from -0.3 to 0.7), so the correlation is
+    averaged over ``repeats`` re-initialisations.
+
+    Args:
+        model, images, class_index, layer, batch_size: as in ``gradcam``.
+        repeats: independent re-initialisations.
+        seed: if given, ``keras.utils.set_random_seed(seed)`` is called first (it resets
+            Python's, NumPy's and Keras' global generators).
+
+    Returns:
+        ``spearman``: (repeats, N) Spearman rank correlations between the trained and the
+        randomised maps (NaN where either map is constant, e.g. all zeros);
+        ``mean_spearman``: their mean over the defined ones; ``n_undefined``;
+        ``random_models``: the re-initialised models.
+    """
+    from scipy.stats import spearmanr
+
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    trained = gradcam(model, images, class_index, layer=layer, batch_size=batch_size)
+    rho = np.full((repeats, len(trained)), np.nan)
+    random_models = []
+    for r in range(repeats):
+        random_models.append(keras.models.clone_model(model))
+        randomised = gradcam(random_models[-1], images, class_index, layer=layer, batch_size=batch_size)
+        for i, (a, b) in enumerate(zip(trained, randomised)):
+            if np.ptp(a) > 0 and np.ptp(b) > 0:
+                rho[r, i] = spearmanr(a.ravel(), b.ravel()).statistic
+    defined = rho[np.isfinite(rho)]
+    return {"spearman": rho, "mean_spearman": float(defined.mean()) if defined.size else float("nan"),
+            "n_undefined": int(np.sum(~np.isfinite(rho))), "random_models": random_models}
+
+
+# ---------------------------------------------------------------------------
+# Command line: kfundus explain
+
+
+def _image_list(spec: str) -> list[Path]:
+    if Path(spec).is_dir():
+        files = sorted(p for p in Path(spec).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    if not files:
+        raise DataError(f"--images {spec}: no {'/'.join(IMAGE_SUFFIXES)} files in that folder, or no such "
+                        "folder and no file matching that pattern")
+    return files
+
+
+def _split_images(run_dir: Path, split: str) -> list[Path]:
+    table, file = pd.read_csv(run_dir / "splits.csv"), run_dir / "splits.csv"
+    if "image" not in table.columns:
+        raise ConfigError(f"{file} has no 'image' column: two-eye runs are not supported by Grad-CAM yet")
+    chosen = table if split == "all" else table[table["split"] == split]
+    if chosen.empty:
+        raise ConfigError(f"--split {split}: {file} has no such rows (its splits: {sorted(set(table['split']))})")
+    return [Path(p) for p in chosen["image"]]
+
+
+def _load_setup(args):
+    """(model, labels, preprocess, thresholds) from --run and/or --model."""
+    from kfundus.config import load_config
+    from kfundus.data.pipeline import Preprocess
+
+    run = Path(args.run) if args.run else None
+    if run is not None and not (run / "run.json").exists():
+        raise ConfigError(f"--run {run}: no run.json there; give a folder written by 'kfundus train'")
+    model_file = Path(args.model) if args.model else run / "model.keras"
+    if not model_file.exists():
+        raise ConfigError(f"no model file {model_file}: give --model path/to/model.keras or --run runs/NAME")
+    model = keras.saving.load_model(model_file)
+    thresholds = 0.5 if args.threshold is None else args.threshold
+    if run is not None:  # the run's labels, size, crop and validation thresholds
+        info = json.loads((run / "run.json").read_text())
+        if args.threshold is None and (run / "thresholds.json").exists():
+            thresholds = json.loads((run / "thresholds.json").read_text())["thresholds"]
+        crop = load_config(run / "config.yaml").data.crop_fundus
+        return model, list(info["labels"]), Preprocess(int(info["image_size"]), crop), thresholds
+    labels_file = model_file.parent / "labels.txt"  # an exported bundle has one
+    if args.labels:
+        labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+    elif labels_file.exists():
+        labels = [x.strip() for x in labels_file.read_text().splitlines() if x.strip()]
+    else:
+        labels = [f"class{i}" for i in range(int(model.outputs[0].shape[-1]))]
+    size = args.image_size or int(model.inputs[0].shape[1])
+    return model, labels, Preprocess(size, crop_fundus=not args.no_crop), thresholds
+
+
+def main_explain(argv=None) -> int:
+    """``kfundus explain``: Grad-CAM overlays for a folder of images or a run's split."""
+    parser = argparse.ArgumentParser(prog="kfundus explain", description=(
+        "Write Grad-CAM overlays (image | heat map, caption '<label> p=0.93') for each predicted "
+        "class or the classes given."))
+    add = parser.add_argument
+    add("--run", help="a run folder (labels, image size, crop and thresholds come from it)")
+    add("--model", help="a .keras model (default with --run: <run>/model.keras)")
+    add("--images", help="a folder of images or a glob pattern ('data/**/*.jpg')")
+    add("--split", help="with --run: explain that split of the run's splits.csv (test, val, train, all)")
+    add("--out", help="output folder (default: <run>/explain, or ./explain)")
+    add("--classes", default="predicted", help="'predicted' (default) or labels, e.g. G,C")
+    add("--labels", help="with --model alone: the output names, e.g. N,G,C (default: labels.txt beside it)")
+    add("--image-size", type=int, help="with --model alone: input side (default: the model's)")
+    add("--no-crop", action="store_true", help="with --model alone: do not crop the fundus border")
+    add("--threshold", type=float, help="decision threshold (default: the run's thresholds, else 0.5)")
+    add("--layer", help="convolutional layer (default: the last one, e.g. top_activation)")
+    add("--batch-size", type=int, default=16)
+    add("--alpha", type=float, default=0.4, help="heat-map weight of the overlay")
+    args = parser.parse_args(argv)
+    if not (args.run or args.model) or bool(args.images) == bool(args.split) or (args.split and not args.run):
+        parser.error("give --run runs/NAME or --model FILE.keras, and one of --images DIR_OR_GLOB or "
+                     "--split NAME (--split needs --run)")
+    try:
+        model, labels, preprocess, thresholds = _load_setup(args)
+        paths = _image_list(args.images) if args.images else _split_images(Path(args.run), args.split)
+        classes = "predicted" if args.classes == "predicted" else [c.strip() for c in args.classes.split(",")]
+        out = Path(args.out or (Path(args.run) / "explain" if args.run else "explain"))
+        table = save_overlays(model, paths, out, labels=labels, preprocess=preprocess, classes=classes,
+                              threshold=thresholds, batch_size=args.batch_size, layer=args.layer,
+                              alpha=args.alpha)
+    except KfundusError as exc:
+        print(f"kfundus explain: error: {exc}", file=sys.stderr)
+        return 2
+    table.to_csv(out / "overlays.csv", index=False)
+    none = len(paths) - table["image"].nunique()
+    print(f"wrote {len(table)} Grad-CAM overlay(s) for {len(paths)} image(s) to {out} (index: overlays.csv)"
+          + (f"; {none} image(s) had no class above the threshold" if none and classes == "predicted" else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_explain())
