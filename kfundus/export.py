@@ -10,10 +10,9 @@ A bundle is one folder a deployment can pick up whole::
       export.json       formats, input/output names and shapes, TFLite ops, parity errors,
                         TensorFlow / Keras versions and the caller's metadata
 
-Signatures carry the Keras names: a model with inputs ``left_image`` and ``right_image``
-and an output ``probabilities`` is served as ``fn(left_image=..., right_image=...)
--> {"probabilities": ...}`` by the SavedModel and by the TFLite signature runner alike.
-Inputs are float32 RGB in [0, 255] (kfundus models normalise inside the graph).
+Signatures carry the Keras names (inputs ``left_image``/``right_image``, output
+``probabilities`` -> ``fn(left_image=..., right_image=...) -> {"probabilities": ...}``) in
+the SavedModel and the TFLite signature runner alike. Inputs: float32 RGB in [0, 255].
 
 Choices:
 
