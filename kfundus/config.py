@@ -59,6 +59,7 @@ class ModelConfig:
     weights: str | None = None
     trainable_blocks: int = -1
     dropout: float = 0.2
+    bn_momentum: float | None = None
 
 
 @dataclasses.dataclass

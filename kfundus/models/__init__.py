@@ -23,4 +23,5 @@ def build_model(config, *, num_outputs: int, image_size: int, task: str, two_eye
         dropout=config.dropout,
         activation="softmax" if task == "multiclass" else "sigmoid",
         two_eye=two_eye,
+        bn_momentum=config.bn_momentum,
     )

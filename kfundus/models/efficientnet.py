@@ -68,12 +68,6 @@ def efficientnet_b0_backbone(image_size: int = 224, weights: str | None = None) 
     norm = _normalization_layer(backbone)
     if weights is None:
         _set_normalization(norm, IMAGENET_MEAN, np.square(IMAGENET_STDDEV))
-        # From scratch the weights move fast: with Keras' BatchNorm momentum of 0.99 the
-        # moving statistics lag hundreds of steps behind, and a short run predicts a
-        # constant at inference. 0.9 lets them keep up.
-        for layer in backbone.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.momentum = 0.9
         return backbone
     path = Path(weights)
     if not path.exists():
@@ -123,6 +117,7 @@ def build_efficientnet_b0(
     dropout: float = 0.2,
     activation: str = "sigmoid",
     two_eye: bool = False,
+    bn_momentum: float | None = None,
     name: str = "efficientnet_b0",
 ) -> keras.Model:
     """An EfficientNet-B0 classifier.
@@ -137,6 +132,8 @@ def build_efficientnet_b0(
         two_eye: one shared backbone over inputs ``left_image`` and ``right_image``, the
             two pooled feature vectors concatenated (patient-level ODIR); otherwise one
             input ``image``.
+        bn_momentum: BatchNorm momentum of the backbone (None: Keras' 0.99). A very short
+            from-scratch schedule may want 0.9 so the moving statistics keep up.
 
     Example:
 
@@ -146,6 +143,10 @@ def build_efficientnet_b0(
     """
     backbone = efficientnet_b0_backbone(image_size, weights)
     backbone.name = BACKBONE_NAME
+    if bn_momentum is not None:
+        for layer in backbone.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = bn_momentum
     freeze_blocks(backbone, trainable_blocks)
     pool = keras.layers.GlobalAveragePooling2D(name="avg_pool")
     shape = (image_size, image_size, 3)
