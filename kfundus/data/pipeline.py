@@ -237,8 +237,9 @@ def cache_key(manifest: Manifest, config: Preprocess) -> str:
     return h.hexdigest()[:20]
 
 
-def _decode_error(path: str, config: Preprocess) -> str:
-    """Why one file cannot be decoded (run eagerly, only for the failures)."""
+def _decode_error(path: str, config: Preprocess) -> str | None:
+    """Why one file cannot be decoded, or None if it decodes (run eagerly, only for the
+    rows the pipeline dropped)."""
     if not os.path.exists(path):
         return "file not found"
     if os.path.getsize(path) == 0:
@@ -250,7 +251,7 @@ def _decode_error(path: str, config: Preprocess) -> str:
         if "Invalid JPEG data" in message:
             message = "corrupt or truncated JPEG"
         return message
-    return "decoding failed inside the pipeline"
+    return None
 
 
 def prepare(
@@ -345,12 +346,10 @@ def _build_cache(manifest: Manifest, config: Preprocess, folder: Path, progress:
     os.replace(tmp, folder / record_file)
     skipped = []
     for row in np.flatnonzero(~seen):
-        for column in manifest.image_columns:
-            path = str(manifest.frame[column].iloc[row])
-            reason = _decode_error(path, config)
-            if reason != "decoding failed inside the pipeline" or column == manifest.image_columns[-1]:
-                skipped.append((int(row), path, reason))
-                break
+        paths = [str(manifest.frame[column].iloc[row]) for column in manifest.image_columns]
+        reasons = [(path, _decode_error(path, config)) for path in paths]
+        path, reason = next(((p, r) for p, r in reasons if r), (paths[-1], "decoding failed inside the pipeline"))
+        skipped.append((int(row), path, reason))
     index = {"files": [record_file], "rows": int(seen.sum()), "skipped": skipped,
              "config": dataclasses.asdict(config)}
     (folder / "index.json").write_text(json.dumps(index, indent=1))
