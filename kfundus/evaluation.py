@@ -77,9 +77,10 @@ def evaluate_run(run_dir, data_path=None, *, split="test", overrides=None, out_d
                        skip_unreadable=config.data.skip_unreadable)
     manifest = prepared.manifest
     model = keras.saving.load_model(run_dir / "model.keras")
-    y_prob = predict(model, prepared, config.train.batch_size)
+    chosen = json.loads((run_dir / "thresholds.json").read_text())
+    y_prob = predict(model, prepared, config.train.batch_size, chosen.get("primary_output"))
     y_true = manifest.targets()
-    thresholds = json.loads((run_dir / "thresholds.json").read_text())["thresholds"]
+    thresholds = chosen["thresholds"]
 
     out = Path(out_dir or run_dir / f"eval-{split}")
     out.mkdir(parents=True, exist_ok=True)

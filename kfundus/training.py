@@ -86,6 +86,60 @@ def preprocess_config(config: Config) -> Preprocess:
 # model pieces
 
 
+@dataclasses.dataclass
+class Objective:
+    """What ``model.compile`` gets for one model family, and how the label matrix of the
+    dataset becomes the model's targets.
+
+    The default (single output, ``default_objective``) needs none of the optional fields.
+    A multi-output model (named heads, an embedding output for a metric-learning loss)
+    registers a function ``(config, manifest, train_targets) -> Objective`` in
+    ``kfundus.models.OBJECTIVES`` under its ``model.name``:
+
+    Attributes:
+        loss: a Keras loss, or ``{output_name: loss}``.
+        metrics: a list, or ``{output_name: [metrics]}``.
+        loss_weights: ``{output_name: weight}`` (None: all 1).
+        targets: ``fn(y) -> {output_name: target}`` applied in the tf.data pipeline to the
+            batch label matrix ``y`` of the manifest (None: ``y`` as it is).
+        primary: the output whose units are ``manifest.labels``: thresholds, evaluation
+            and the report read it (None: the model has one output).
+    """
+
+    loss: object
+    metrics: object
+    loss_weights: dict | None = None
+    targets: object = None
+    primary: str | None = None
+
+
+def default_objective(config: Config, manifest: Manifest, train_targets: np.ndarray) -> Objective:
+    """One output over ``manifest.labels``: the loss ``train.loss`` names, AUROC + accuracy."""
+    from kfundus.losses import make_loss
+
+    t = config.train
+    loss = make_loss(t.loss, manifest.task, train_targets, pos_weight_cap=t.pos_weight_cap,
+                     focal_gamma=t.focal_gamma)
+    return Objective(loss=loss, metrics=make_metrics(manifest.task, len(manifest.labels)))
+
+
+def make_objective(config: Config, manifest: Manifest, train_targets: np.ndarray) -> Objective:
+    from kfundus.models import OBJECTIVES
+
+    return OBJECTIVES.get(config.model.name, default_objective)(config, manifest, train_targets)
+
+
+def primary_output(predictions, primary: str | None = None) -> np.ndarray:
+    """The label-probability matrix out of ``model.predict``'s result (an array, or a dict
+    of named outputs of which ``primary`` is the one over the labels)."""
+    if not isinstance(predictions, dict):
+        return np.asarray(predictions, dtype=np.float32)
+    if primary is None or primary not in predictions:
+        raise ConfigError(f"the model has outputs {sorted(predictions)}; its objective must name the "
+                          "one over the labels (Objective.primary)")
+    return np.asarray(predictions[primary], dtype=np.float32)
+
+
 def make_metrics(task: str, num_labels: int) -> list:
     """``auroc``: the macro mean of per-label ROC AUCs (one-vs-rest for softmax), plus accuracy."""
     auroc = keras.metrics.AUC(multi_label=True, num_labels=num_labels, name="auroc")
@@ -154,9 +208,11 @@ def save_samples(prepared, path: Path, count: int = 8) -> None:
     np.savez_compressed(path, **{k: np.asarray(v).astype(np.uint8) for k, v in batch.items()})
 
 
-def predict(model, prepared, batch_size: int) -> np.ndarray:
+def predict(model, prepared, batch_size: int, primary: str | None = None) -> np.ndarray:
+    """Label probabilities for every row of ``prepared`` (the ``primary`` output of a
+    multi-output model)."""
     ds = make_dataset(prepared, batch_size=batch_size, with_targets=False)
-    return np.asarray(model.predict(ds, verbose=0), dtype=np.float32)
+    return primary_output(model.predict(ds, verbose=0), primary)
 
 
 def _start_or_resume(run_dir: Path, overwrite: bool) -> None:
@@ -180,7 +236,6 @@ def train(config: Config, data_path: str | None = None, run_dir: str | Path | No
     Re-running the same command after an interruption resumes from the last finished
     epoch (BackupAndRestore). Re-running a finished run is an error unless ``overwrite``.
     """
-    from kfundus.losses import make_loss
     from kfundus.metrics import choose_thresholds
     from kfundus.models import build_model
     from kfundus.plots import plot_training_curves
@@ -231,15 +286,16 @@ def train(config: Config, data_path: str | None = None, run_dir: str | Path | No
                             task=manifest.task, two_eye=two_eye)
         # BCE on the sigmoid output: Keras computes it from the logits the sigmoid keeps
         # (BCE with logits), while the model still returns probabilities.
-        loss = make_loss(train_cfg.loss, manifest.task, prepared["train"].manifest.targets(),
-                         pos_weight_cap=train_cfg.pos_weight_cap, focal_gamma=train_cfg.focal_gamma)
-        model.compile(optimizer=make_optimizer(train_cfg, steps), loss=loss,
-                      metrics=make_metrics(manifest.task, len(manifest.labels)))
+        objective = make_objective(config, manifest, prepared["train"].manifest.targets())
+        model.compile(optimizer=make_optimizer(train_cfg, steps), loss=objective.loss,
+                      loss_weights=objective.loss_weights, metrics=objective.metrics)
         train_ds = make_dataset(prepared["train"], batch_size=batch, training=True,
                                 augment=config.data.augment, seed=train_cfg.seed)
         if train_cfg.steps_per_epoch:
             train_ds = train_ds.repeat()
         val_ds = make_dataset(prepared["val"], batch_size=batch)
+        if objective.targets is not None:
+            train_ds, val_ds = (ds.map(lambda x, y: (x, objective.targets(y))) for ds in (train_ds, val_ds))
         warnings.filterwarnings("ignore", message=".*shuffle=True.*was passed")  # the dataset shuffles itself
         model.fit(train_ds, validation_data=val_ds, epochs=train_cfg.epochs,
                   steps_per_epoch=train_cfg.steps_per_epoch, callbacks=make_callbacks(run_dir, train_cfg),
@@ -251,9 +307,10 @@ def train(config: Config, data_path: str | None = None, run_dir: str | Path | No
     model = keras.saving.load_model(best) if best.exists() else model
     model.save(run_dir / "model.keras")
     val = prepared["val"]
-    thresholds = choose_thresholds(val.manifest.targets(), predict(model, val, batch), method="youden")
+    thresholds = choose_thresholds(val.manifest.targets(), predict(model, val, batch, objective.primary),
+                                   method="youden")
     (run_dir / "thresholds.json").write_text(json.dumps(
-        {"method": "youden (on validation)", "labels": manifest.labels,
+        {"method": "youden (on validation)", "labels": manifest.labels, "primary_output": objective.primary,
          "thresholds": [float(t) for t in thresholds]}, indent=1))
     plot_training_curves(run_dir / "history.csv", run_dir / "training_curves.png")
     print(f"trained: {run_dir / 'model.keras'} (best {train_cfg.monitor} checkpoint)")

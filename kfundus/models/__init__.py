@@ -7,6 +7,11 @@ from kfundus.models.efficientnet import build_efficientnet_b0
 
 BUILDERS = {"efficientnet_b0": build_efficientnet_b0}
 
+# model.name -> fn(config, manifest, train_targets) -> kfundus.training.Objective, for models
+# whose loss, metrics or targets differ from one output over the labels (multi-task heads,
+# an embedding output for a metric-learning loss). Absent: kfundus.training.default_objective.
+OBJECTIVES = {}
+
 
 def build_model(config, *, num_outputs: int, image_size: int, task: str, two_eye: bool = False):
     """Build the classifier a ``kfundus.config.ModelConfig`` names.
