@@ -53,13 +53,17 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Which model builder and its options (see ``kfundus.models.build_model``)."""
+    """Which model builder and its options (see ``kfundus.models.build_model``).
+
+    ``options`` holds the family's own keyword arguments (e.g. a dual-stream network's
+    depth and width, a CLIP encoder's LoRA rank); the builder rejects unknown ones."""
 
     name: str = "efficientnet_b0"
     weights: str | None = None
     trainable_blocks: int = -1
     dropout: float = 0.2
     bn_momentum: float | None = None
+    options: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

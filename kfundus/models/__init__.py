@@ -20,7 +20,10 @@ def build_model(config, *, num_outputs: int, image_size: int, task: str, two_eye
     """
     if config.name not in BUILDERS:
         raise ConfigError(f"model.name={config.name!r} is unknown; available: {sorted(BUILDERS)}")
-    return BUILDERS[config.name](
+    builder = BUILDERS[config.name]
+    options = dict(getattr(config, "options", None) or {})
+    check_options(builder, options, f"model.options of {config.name}")
+    return builder(
         num_outputs,
         image_size=image_size,
         weights=config.weights,
@@ -29,4 +32,22 @@ def build_model(config, *, num_outputs: int, image_size: int, task: str, two_eye
         activation="softmax" if task == "multiclass" else "sigmoid",
         two_eye=two_eye,
         bn_momentum=config.bn_momentum,
+        **options,
     )
+
+
+_COMMON = {"image_size", "weights", "trainable_blocks", "dropout", "activation", "two_eye", "bn_momentum"}
+
+
+def check_options(fn, options: dict, where: str) -> None:
+    """Raise a ConfigError naming ``where`` if ``options`` has keys ``fn`` does not take
+    (or that the common ModelConfig fields already set)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    valid = sorted(n for n, p in params.items()
+                   if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in _COMMON)
+    valid = [n for n in valid if n != next(iter(params))]  # not the first positional (outputs)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {unknown}; valid: {valid}")
