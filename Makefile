@@ -24,6 +24,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/pipeline.py
+	$(PY) benchmarks/tflite.py
+	$(PY) benchmarks/lora.py
 
 clean:
 	rm -rf demo runs .pytest_cache

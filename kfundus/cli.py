@@ -2,9 +2,11 @@
 
     train     --config configs/X.yaml --data DIR [--set key=value ...] [--run-dir DIR]
     evaluate  --run runs/NAME [--data DIR] [--split test|val|train|all] [--set key=value ...]
-    export    --run runs/NAME [--out saved_models/NAME]
+    export    --run runs/NAME [--out saved_models/NAME] [--data DIR]   (bundle + model_card.json)
+    predict   --bundle saved_models/NAME --images DIR|GLOB|CSV [--format keras|saved_model|tflite]
     explain   --run runs/NAME --images DIR_OR_GLOB | --split test [--classes predicted|G,C] [--out DIR]
     synth     --layout odir|rfmid --out DIR [...]   (synthetic data in the public layouts)
+    sweep     --config configs/X.yaml --data DIR --grid KEY=V1,V2 [...]   (comparison table)
     demo      [--out demo]  synthetic data -> train -> evaluate -> export, in a few minutes
 
 ``train.py`` and ``evaluate.py`` at the top of the repository call the first two.
@@ -29,13 +31,14 @@ def _add_set(parser):
 
 
 def cmd_train(args) -> int:
+    from kfundus.bundle import export_run
     from kfundus.config import load_config
     from kfundus.training import train
 
     config = load_config(args.config, args.overrides)
     run_dir = train(config, args.data, args.run_dir, overwrite=args.overwrite)
     if config.export.formats and not args.no_export:
-        export_run(run_dir, None)
+        export_run(run_dir, None, data_path=args.data)
     return 0
 
 
@@ -50,37 +53,10 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def export_run(run_dir, out_dir) -> Path:
-    """Export a run's model into ``saved_models/<run name>/`` (or ``out_dir``)."""
-    import keras
-    import numpy as np
-
-    from kfundus import __version__
-    from kfundus.config import load_config
-    from kfundus.export import export_bundle
-
-    run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml")
-    info = json.loads((run_dir / "run.json").read_text())
-    thresholds = json.loads((run_dir / "thresholds.json").read_text())
-    out_dir = Path(out_dir or Path(config.export.dir) / run_dir.name)
-    model = keras.saving.load_model(run_dir / "model.keras")
-    metadata = {"kfundus_version": __version__, "run": str(run_dir), "labels": info["labels"],
-                "task": info["task"], "level": info["level"], "image_size": info["image_size"],
-                "thresholds": thresholds, "input": "float32 RGB in [0, 255], fundus-cropped and resized "
-                "as kfundus.data.pipeline.preprocess_image does"}
-    samples = None
-    if (run_dir / "samples.npz").exists():
-        with np.load(run_dir / "samples.npz") as data:
-            samples = {k: data[k].astype("float32") for k in data.files}
-    paths = export_bundle(model, out_dir, labels=info["labels"], formats=tuple(config.export.formats),
-                          metadata=metadata, sample_inputs=samples)
-    print(f"exported to {out_dir}: " + ", ".join(sorted(str(Path(p).name) for p in paths.values())))
-    return out_dir
-
-
 def cmd_export(args) -> int:
-    export_run(args.run, args.out)
+    from kfundus.bundle import export_run
+
+    export_run(args.run, args.out, data_path=args.data)
     return 0
 
 
@@ -115,10 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a run as .keras, SavedModel and TFLite")
     p.add_argument("--run", required=True)
     p.add_argument("--out", help="default: saved_models/<run name>")
+    p.add_argument("--data", help="the run's dataset, if it moved (int8 calibration, accuracy per format)")
     p.set_defaults(func=cmd_export)
 
+    sub.add_parser("predict", help="images -> CSV of probabilities and decisions (kfundus predict --help)")
     sub.add_parser("explain", help="Grad-CAM overlays (kfundus explain --help)")
     sub.add_parser("synth", help="write a synthetic dataset in a public layout (kfundus synth --help)")
+    sub.add_parser("sweep", help="train + evaluate a config over a grid of settings, compare (kfundus sweep --help)")
 
     p = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> export")
     p.add_argument("--out", default="demo")
@@ -128,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PASS_THROUGH = {"explain": "kfundus.explain:main_explain", "synth": "kfundus.data.synthetic:main"}
+PASS_THROUGH = {"predict": "kfundus.predict:main", "explain": "kfundus.explain:main_explain",
+                "synth": "kfundus.data.synthetic:main"}
+PASS_THROUGH["sweep"] = "kfundus.sweep:main"
 
 
 def main(argv=None) -> int:

@@ -72,10 +72,13 @@ class TrainConfig:
     ``monitor`` is the validation metric that picks the best checkpoint and drives early
     stopping (``early_stopping`` = patience in epochs, 0 = off). ``loss``: bce,
     weighted_bce (positive weights n_neg/n_pos from the training split, capped at
-    ``pos_weight_cap``) or focal (``focal_gamma``); see ``kfundus.losses``."""
+    ``pos_weight_cap``) or focal (``focal_gamma``); see ``kfundus.losses``.
+    ``loss_options``: parameters of a model family's own loss (read by its objective in
+    ``kfundus.models.OBJECTIVES``, which rejects unknown ones)."""
 
     epochs: int = 20
     loss: str = "bce"
+    loss_options: dict = dataclasses.field(default_factory=dict)
     pos_weight_cap: float = 50.0
     focal_gamma: float = 2.0
     batch_size: int = 16
@@ -93,9 +96,12 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class ExportConfig:
-    """Formats written to ``saved_models/<run>/`` after training."""
+    """Formats written to ``saved_models/<run>/`` after training, and the TFLite variants
+    (float32, float16, dynamic_int8, int8; see ``kfundus.export``). int8 is calibrated on
+    training images, so it needs the training data at export time."""
 
     formats: list = dataclasses.field(default_factory=lambda: ["keras", "saved_model", "tflite"])
+    tflite: list = dataclasses.field(default_factory=lambda: ["float32", "float16", "dynamic_int8", "int8"])
     dir: str = "saved_models"
 
 

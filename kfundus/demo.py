@@ -11,7 +11,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_synthetic.yaml"
 
 
 def run_demo(out: Path, *, patients: int = 200, epochs: int | None = None) -> None:
-    from kfundus.cli import export_run
+    from kfundus.bundle import export_run
     from kfundus.data.synthetic import make_odir
     from kfundus.evaluation import evaluate_run
     from kfundus.training import train

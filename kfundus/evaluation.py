@@ -28,6 +28,7 @@ from kfundus.data.pipeline import prepare
 from kfundus.errors import ConfigError, DataError
 from kfundus.labels import DR_GRADES, ODIR_LABELS
 from kfundus.training import load_manifest, predict, preprocess_config
+from kfundus.models import load_model
 
 
 def select_rows(manifest: Manifest, run_dir: Path, split: str) -> tuple[Manifest, str]:
@@ -76,7 +77,7 @@ def evaluate_run(run_dir, data_path=None, *, split="test", overrides=None, out_d
     prepared = prepare(manifest, preprocess_config(config), cache_dir=config.data.cache_dir,
                        skip_unreadable=config.data.skip_unreadable)
     manifest = prepared.manifest
-    model = keras.saving.load_model(run_dir / "model.keras")
+    model = load_model(run_dir / "model.keras")
     chosen = json.loads((run_dir / "thresholds.json").read_text())
     y_prob = predict(model, prepared, config.train.batch_size, chosen.get("primary_output"))
     y_true = manifest.targets()
@@ -89,6 +90,13 @@ def evaluate_run(run_dir, data_path=None, *, split="test", overrides=None, out_d
     metrics = evaluate_predictions(y_true, y_prob, labels, manifest.task,
                                    thresholds=None if manifest.task == "multiclass" else np.asarray(thresholds),
                                    ordinal=ordinal)
+    if len(model.outputs) > 1:  # a multi-task model: a report per head besides the primary one
+        from kfundus.data.pipeline import make_dataset
+        from kfundus.multitask import head_reports
+
+        outputs = model.predict(make_dataset(prepared, batch_size=config.train.batch_size, with_targets=False),
+                                verbose=0)
+        metrics["heads"] = head_reports(outputs, y_true, labels, manifest.task, config)
     metrics = to_jsonable({"run": str(run_dir), "data": str(config.data.path), "scope": scope,
                            "rows": len(manifest), "skipped": len(prepared.skipped), "level": manifest.level,
                            "thresholds": dict(zip(labels, thresholds)), **metrics})
@@ -111,7 +119,10 @@ def evaluate_run(run_dir, data_path=None, *, split="test", overrides=None, out_d
     if labels == ODIR_LABELS and manifest.level == "patient":
         write_odir_submission(manifest.frame["patient_id"], y_prob, out / "odir_submission.csv")
     if gallery:
-        gradcam_gallery(model, manifest, y_prob, thresholds, preprocess_config(config), out)
+        from kfundus.multitask import primary_model
+
+        gradcam_gallery(primary_model(model, chosen.get("primary_output")), manifest, y_prob, thresholds,
+                        preprocess_config(config), out)
     _write_html(out, metrics)
     print(f"evaluated {len(manifest)} rows ({scope}); report: {out / 'report.html'}")
     return metrics

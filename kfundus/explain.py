@@ -37,6 +37,7 @@ import pandas as pd
 import tensorflow as tf
 
 from kfundus.errors import ConfigError, DataError, KfundusError
+from kfundus.models import load_model
 
 # Synthetic masks that are the whole field of view (cataract, myopia; RFMiD columns too).
 WHOLE_FIELD_LABELS = frozenset({"C", "M", "MH", "MYA", "TSLN"})
@@ -102,6 +103,12 @@ class GradCAM:
 
     >>> maps = GradCAM(model)(images, class_index=1)  # doctest: +SKIP
     """
+
+    def __new__(cls, model: keras.Model = None, layer: str | None = None):
+        # A transformer (ViT / CLIP) classifier gets Grad-CAM on its patch-token grid instead.
+        if cls is GradCAM and model is not None and _token_encoder(model) is not None:
+            cls = TokenGradCAM
+        return super().__new__(cls)
 
     def __init__(self, model: keras.Model, layer: str | None = None):
         if len(model.inputs) != 1:
@@ -195,6 +202,106 @@ def gradcam(model: keras.Model, images, class_index, *, layer: str | None = None
         location has positive evidence).
     """
     return GradCAM(model, layer)(images, class_index, batch_size=batch_size)
+
+
+# ---------------------------------------------------------------------------
+# Grad-CAM for vision transformers (CLIP / ViT encoders): on the patch-token grid
+
+
+def _token_encoder(model: keras.Model):
+    """The nested transformer encoder of ``model`` (a nested model with a
+    ``(batch, tokens, dim)`` output and attention layers inside), or None."""
+    for layer in model.layers:
+        if not isinstance(layer, keras.Model):
+            continue
+        try:
+            rank = len(keras.tree.flatten(layer.output)[0].shape)
+        except (AttributeError, ValueError):
+            continue
+        if rank == 3 and any(isinstance(x, keras.layers.MultiHeadAttention) for x in layer._flatten_layers()):
+            return layer
+    return None
+
+
+class TokenGradCAM(GradCAM):
+    """Grad-CAM for a ViT / CLIP classifier, on the grid of patch tokens.
+
+    The map is taken on the tokens **entering the first transformer block** (patch +
+    position embeddings, after CLIP's pre-layer-norm): ``cam_t = ReLU(sum_d G_td T_td)``
+    for each patch token ``T_t`` (class token dropped), ``G`` the gradient of the class
+    logit, on the ``(H/p, W/p)`` patch grid; then upsampled bilinearly and divided by its
+    maximum, as for CNNs. The weights are per token (gradient x activation, as LayerCAM,
+    Jiang et al. 2021, does per location), not Grad-CAM's mean over locations.
+
+    Why there: every attention layer mixes the tokens, so deeper tokens no longer belong
+    to their patch. In ``tests/test_clip_lora.py`` (a tiny CLIP encoder that learned to
+    detect a bright square, AUROC 1.0) the share of the map on the square's patch was
+    1.0 on the first block's input, 0.002 on the last block's input (where ViT Grad-CAM
+    is often taken) and 0 on the last block's output (the class token does not read the
+    last block's patch tokens at all). ``GradCAM(model)`` returns this explainer for such
+    models, so ``save_overlays``, ``kfundus explain`` and the evaluation gallery work
+    unchanged.
+
+    >>> maps = TokenGradCAM(model)(images, class_index=0)  # doctest: +SKIP
+    """
+
+    def __init__(self, model: keras.Model, layer: str | None = None):
+        if len(model.inputs) != 1:
+            raise ConfigError(f"model {model.name} has inputs {[t.name for t in model.inputs]}: two-eye "
+                              "models are not supported by Grad-CAM yet; explain a single-eye model")
+        encoder = _token_encoder(model)
+        if encoder is None:
+            raise ConfigError(f"model {model.name} has no nested transformer encoder")
+        if layer is not None:
+            raise ConfigError("choosing the layer is not supported for transformer encoders (the input of "
+                              "the last transformer block is used)")
+        self.model, self.backbone = model, encoder
+        blocks = [x for x in encoder.layers
+                  if any(isinstance(s, keras.layers.MultiHeadAttention) for s in x._flatten_layers())]
+        self.layer = blocks[0]
+        tokens = keras.tree.flatten(self.layer.input)[0]
+        names = [x.name for x in model.layers]
+        logits = model.get_layer("logits").output if "logits" in names else _logits_tensor(model)
+        self.num_classes = int(logits.shape[-1])
+        nodes = encoder._inbound_nodes
+        if len(nodes) != 1:
+            raise ConfigError(f"the encoder {encoder.name} is called {len(nodes)} times in {model.name}: "
+                              "Grad-CAM needs a single-eye model")
+        call_input = keras.tree.flatten(nodes[0].input_tensors)[0]
+        call_output = keras.tree.flatten(nodes[0].output_tensors)[0]
+        inner = keras.Model(encoder.inputs, [tokens, keras.tree.flatten(encoder.outputs)[0]])
+        head = keras.Model(call_output, logits)
+        pre = keras.Model(model.inputs[0], call_input)
+        self.patch_grid = int(round(np.sqrt(int(tokens.shape[1]) - 1)))
+
+        def forward(x, training=False):
+            activation, features = inner(pre(x, training=training), training=training)
+            return activation, head(features, training=training)
+
+        self._forward = forward
+        spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)
+        self._step = tf.function(functools.partial(TokenGradCAM._compute, self),
+                                 input_signature=[spec, tf.TensorSpec([None], tf.int32)])
+
+    def _compute(self, images, classes):
+        images = tf.convert_to_tensor(images, tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            tokens, logits = self._forward(images, training=False)
+            score = tf.gather(tf.cast(logits, tf.float32), classes[:, None], batch_dims=1)
+        grads = tape.gradient(score, tokens)
+        tokens, grads = tf.cast(tokens[:, 1:], tf.float32), tf.cast(grads[:, 1:], tf.float32)  # drop the class token
+        cam = tf.nn.relu(tf.reduce_sum(grads * tokens, axis=-1))  # per-token weights, not a patch mean
+        g = self.patch_grid
+        cam = tf.reshape(cam, (-1, g, g, 1))
+        cam = tf.image.resize(cam, tf.shape(images)[1:3], method="bilinear")[..., 0]
+        peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
+        return tf.clip_by_value(tf.math.divide_no_nan(cam, peak), 0.0, 1.0)
+
+    def predict(self, images) -> np.ndarray:
+        out = self.model(self._batch(images), training=False)
+        out = out["probabilities"] if isinstance(out, dict) else out
+        return np.asarray(out, dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -535,7 +642,7 @@ def _load_setup(args):
     model_file = Path(args.model) if args.model else run / "model.keras"
     if not model_file.exists():
         raise ConfigError(f"no model file {model_file}: give --model path/to/model.keras or --run runs/NAME")
-    model = keras.saving.load_model(model_file)
+    model = load_model(model_file)
     thresholds = 0.5 if args.threshold is None else args.threshold
     if run is not None:  # the run's labels, size, crop and validation thresholds
         info = json.loads((run / "run.json").read_text())

@@ -34,6 +34,7 @@ from kfundus.config import Config, save_config
 from kfundus.data.manifest import Manifest
 from kfundus.data.pipeline import Preprocess, make_dataset, prepare
 from kfundus.errors import ConfigError, DataError
+from kfundus.models import load_model
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -104,6 +105,8 @@ class Objective:
             batch label matrix ``y`` of the manifest (None: ``y`` as it is).
         primary: the output whose units are ``manifest.labels``: thresholds, evaluation
             and the report read it (None: the model has one output).
+        callbacks: ``fn(run_dir) -> keras.callbacks.Callback`` factories added to the
+            run's callbacks (e.g. saving LoRA adapters beside the checkpoint).
     """
 
     loss: object
@@ -111,6 +114,7 @@ class Objective:
     loss_weights: dict | None = None
     targets: object = None
     primary: str | None = None
+    callbacks: list = dataclasses.field(default_factory=list)
 
 
 def default_objective(config: Config, manifest: Manifest, train_targets: np.ndarray) -> Objective:
@@ -298,13 +302,14 @@ def train(config: Config, data_path: str | None = None, run_dir: str | Path | No
             train_ds, val_ds = (ds.map(lambda x, y: (x, objective.targets(y))) for ds in (train_ds, val_ds))
         warnings.filterwarnings("ignore", message=".*shuffle=True.*was passed")  # the dataset shuffles itself
         model.fit(train_ds, validation_data=val_ds, epochs=train_cfg.epochs,
-                  steps_per_epoch=train_cfg.steps_per_epoch, callbacks=make_callbacks(run_dir, train_cfg),
+                  steps_per_epoch=train_cfg.steps_per_epoch,
+                  callbacks=make_callbacks(run_dir, train_cfg) + [make(run_dir) for make in objective.callbacks],
                   verbose=2 if _quiet() else 1)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
     best = run_dir / "best.keras"
-    model = keras.saving.load_model(best) if best.exists() else model
+    model = load_model(best) if best.exists() else model
     model.save(run_dir / "model.keras")
     val = prepared["val"]
     thresholds = choose_thresholds(val.manifest.targets(), predict(model, val, batch, objective.primary),

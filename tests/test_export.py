@@ -75,7 +75,7 @@ def keras_outputs(model, inputs, name="probabilities"):
 
 
 def saved_model_outputs(path, inputs):
-    signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+    signature = tf.saved_model.load(str(path)).signatures["serving_preprocessed"]
     return {k: v.numpy() for k, v in signature(**{k: tf.constant(v) for k, v in inputs.items()}).items()}
 
 
@@ -97,7 +97,7 @@ def small_bundle(tmp_path_factory):
 def test_small_net_bundle_matches_keras(small_bundle):
     model, out, paths = small_bundle
     assert {p.name for p in out.iterdir()} >= {
-        "model.keras", "saved_model", "model.tflite", "labels.txt", "export.json"}
+        "model.keras", "saved_model", "model.tflite", "labels.txt", "model_card.json"}
     for batch, seed in ((1, 1), (5, 2)):  # the TFLite input is resized to each batch
         inputs = images(batch, seed)
         want = keras_outputs(model, inputs)
@@ -117,20 +117,23 @@ def test_keras_file_reloads_identically(small_bundle):
     assert any(isinstance(layer, ScaleToUnit) for layer in reloaded.layers)
 
 
-def test_labels_and_export_json(small_bundle):
+def test_labels_and_model_card(small_bundle):
     model, out, paths = small_bundle
     assert paths["labels"].read_text().splitlines() == ODIR
-    report = json.loads((out / "export.json").read_text())
+    report = json.loads((out / "model_card.json").read_text())
     assert report["inputs"] == [{"name": "image", "shape": [None, 32, 32, 3], "dtype": "float32"}]
     assert report["outputs"] == [
         {"name": "probabilities", "shape": [None, 3], "dtype": "float32"}]
     assert report["formats"] == {
         "keras": "model.keras", "saved_model": "saved_model", "tflite": "model.tflite"}
+    assert report["signatures"]["serving_default"]["inputs"] == {"image_bytes": "string[None]"}
+    assert report["signatures"]["serving_default"]["outputs"] == ["labels", "probabilities"]
+    assert report["signatures"]["serving_preprocessed"]["inputs"] == {"image": "float32[None, 32, 32, 3]"}
     assert report["versions"]["tensorflow"] == tf.__version__
     assert report["versions"]["keras"] == keras.__version__
-    assert report["metadata"] == {"dataset": "synthetic"}
-    assert {"CONV_2D", "MEAN", "FULLY_CONNECTED", "LOGISTIC"} <= set(report["tflite"]["ops"])
-    assert report["tflite"]["flex_ops"] == []
+    assert report["dataset"] == "synthetic"  # the caller's metadata, at the top level
+    assert {"CONV_2D", "MEAN", "FULLY_CONNECTED", "LOGISTIC"} <= set(report["tflite"]["float32"]["ops"])
+    assert report["tflite"]["float32"]["flex_ops"] == []
     parity = report["parity"]
     assert 0 <= parity["tflite_max_abs_diff"]["probabilities"] <= 1e-4
     assert 0 <= parity["saved_model_max_abs_diff"]["probabilities"] <= 1e-4
@@ -168,7 +171,7 @@ def test_two_eye_mixed_precision_model(tmp_path):
     assert_close(keras_outputs(model, inputs), want, atol=1e-2)
     interpreter = tf.lite.Interpreter(model_path=str(paths["tflite"]))
     assert all(d["dtype"] == np.float32 for d in interpreter.get_input_details())
-    report = json.loads(paths["export_json"].read_text())
+    report = json.loads(paths["model_card"].read_text())
     assert report["mixed_precision"] is True
     assert [i["name"] for i in report["inputs"]] == ["left_image", "right_image"]
     assert [o["name"] for o in report["outputs"]] == ["probabilities", "grade"]
@@ -182,7 +185,7 @@ def test_efficientnet_b0_has_only_builtin_ops(tmp_path):
     probs = keras.layers.Dense(4, activation="sigmoid", name="probabilities")(features)
     model = keras.Model(image, {"probabilities": probs, "features": features})
     paths = export.export_bundle(model, tmp_path, labels=list("ABCD"), formats=("tflite",))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json", "labels.txt", "model.tflite"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.txt", "model.tflite", "model_card.json"]
     ops = export.tflite_ops(paths["tflite"])
     assert "DEPTHWISE_CONV_2D" in ops and not export.has_flex_ops(paths["tflite"])
     inputs = images(2, 5)
@@ -235,8 +238,10 @@ def test_dynamic_int8_is_smaller_and_close(small_bundle, tmp_path):
 
 def test_bad_options_raise_before_work(tmp_path):
     model = small_net()
-    with pytest.raises(ConfigError, match="int8"):
+    with pytest.raises(ConfigError, match="int8.*calibration"):
         export.convert_tflite(tmp_path, tmp_path / "m.tflite", quantization="int8")
+    with pytest.raises(ConfigError, match="int8.*calibration"):
+        export.export_bundle(model, tmp_path, labels=ODIR, tflite_variants=("float32", "int8"))
     with pytest.raises(ConfigError, match="bfloat"):
         export.convert_tflite(tmp_path, tmp_path / "m.tflite", quantization="bfloat")
     with pytest.raises(ConfigError, match="onnx"):

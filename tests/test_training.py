@@ -14,30 +14,14 @@ from kfundus.cli import main
 from kfundus.config import load_config
 from kfundus.data.synthetic import make_odir
 from kfundus.export import run_tflite
+from tests.conftest import train_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "demo_synthetic.yaml")
 
 
-def train_args(data, out, *extra):
-    return ["train", "--config", CONFIG, "--data", str(data), "--set", f"output_dir={out / 'runs'}",
-            "--set", f"data.cache_dir={out / 'cache'}", "--set", f"export.dir={out / 'saved_models'}", *extra]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """EfficientNet-B0 from scratch on 100 synthetic patients, normal vs cataract, 64 px."""
-    out = tmp_path_factory.mktemp("e2e")
-    data = make_odir(out / "data", n_patients=100, size=96, seed=1, aspect=1.3,
-                     prevalence={"N": 0.4, "C": 0.6}, write_masks=False)
-    code = main(train_args(data, out, "--set", "data.labels=[N, C]", "--set", "data.image_size=64",
-                           "--set", "train.epochs=6", "--set", "data.split.test=0.3"))
-    assert code == 0
-    return out, data, out / "runs" / "demo_synthetic"
-
-
 def test_run_folder_and_patient_level_splits(trained):
-    _, _, run = trained
+    _, _, run, _ = trained
     for name in ["config.yaml", "run.json", "splits.csv", "best.keras", "model.keras", "history.csv",
                  "thresholds.json", "training_curves.png", "tensorboard"]:
         assert (run / name).exists(), name
@@ -47,8 +31,7 @@ def test_run_folder_and_patient_level_splits(trained):
 
 
 def test_model_learns_and_evaluation_report(trained):
-    out, data, run = trained
-    assert main(["evaluate", "--run", str(run), "--data", str(data)]) == 0
+    out, data, run, _ = trained
     report = run / "eval-test"
     metrics = json.loads((report / "metrics.json").read_text())
     per_class = {row["label"]: row for row in metrics["per_class"]}
@@ -65,11 +48,10 @@ def test_model_learns_and_evaluation_report(trained):
 
 
 def test_export_bundle_matches_keras(trained):
-    out, _, run = trained
-    bundle = out / "saved_models" / "demo_synthetic"
+    out, _, run, bundle = trained
     assert (bundle / "labels.txt").read_text().split() == ["N", "C"]
-    info = json.loads((bundle / "export.json").read_text())
-    assert info["tflite"]["flex_ops"] == [] and info["parity"]["inputs"] == "sample images"
+    info = json.loads((bundle / "model_card.json").read_text())
+    assert info["tflite"]["float32"]["flex_ops"] == [] and info["parity"]["inputs"] == "sample images"
     assert max(info["parity"]["tflite_max_abs_diff"].values()) <= 1e-4
     model = keras.saving.load_model(run / "model.keras")
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")

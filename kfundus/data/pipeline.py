@@ -38,7 +38,7 @@ from kfundus.errors import DataError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: pad_and_resize replaced tf.image.resize_with_pad
 _JPEG_RATIOS = (1, 2, 4, 8)
 
 
@@ -170,6 +170,25 @@ def fundus_crop(image: tf.Tensor, threshold: float = 15.0) -> tf.Tensor:
     return image[box[0]:box[1], box[2]:box[3]]
 
 
+def pad_and_resize(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Resize ``image`` (H, W, C, float) to fit ``size`` x ``size`` keeping its aspect ratio
+    (bilinear), then pad it with zeros to the square, centred.
+
+    The same role as ``tf.image.resize_with_pad``, computed in integers: that one derives
+    the resized side from a float ratio that rounds differently in eager mode and inside a
+    ``tf.function`` (a 50x50 image becomes 48 rows in one and 47 + 1 black row in the
+    other), so a serving graph and the training pipeline would disagree.
+    """
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    longest = tf.maximum(height, width)
+    # round(side * size / longest), at least 1 pixel
+    new_h = tf.maximum(1, (height * size + longest // 2) // longest)
+    new_w = tf.maximum(1, (width * size + longest // 2) // longest)
+    resized = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear")
+    return tf.image.pad_to_bounding_box(resized, (size - new_h) // 2, (size - new_w) // 2, size, size)
+
+
 def preprocess_image(contents: tf.Tensor, config: Preprocess) -> tf.Tensor:
     """Encoded bytes -> square float32 image of ``config.image_size``, in [0, 255].
 
@@ -180,7 +199,7 @@ def preprocess_image(contents: tf.Tensor, config: Preprocess) -> tf.Tensor:
     if config.crop_fundus:
         image = fundus_crop(image, config.fov_threshold)
     size = config.image_size
-    image = tf.image.resize_with_pad(tf.cast(image, tf.float32), size, size)
+    image = pad_and_resize(tf.cast(image, tf.float32), size)
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
@@ -196,7 +215,7 @@ def preprocess_mask(mask, contents: tf.Tensor, config: Preprocess) -> tf.Tensor:
         box = fov_box(image, config.fov_threshold)
         mask = mask[box[0]:box[1], box[2]:box[3]]
     size = config.image_size
-    return tf.clip_by_value(tf.image.resize_with_pad(mask, size, size)[..., 0], 0.0, 1.0)
+    return tf.clip_by_value(pad_and_resize(mask, size)[..., 0], 0.0, 1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -247,11 +266,18 @@ def _decode_error(path: str, config: Preprocess) -> str | None:
     try:
         preprocess_image(tf.io.read_file(path), config)
     except tf.errors.OpError as exc:
-        message = exc.message.split("[Op:")[0].strip().rstrip(".")
-        if "Invalid JPEG data" in message:
-            message = "corrupt or truncated JPEG"
-        return message
+        return decode_error_message(exc)
     return None
+
+
+def decode_error_message(exc: tf.errors.OpError) -> str:
+    """A short reason from a TensorFlow decode error (no op dump)."""
+    message = exc.message.split("[Op:")[0].strip().rstrip(".")
+    if "Invalid JPEG data" in message or "jpeg" in message.lower() and "corrupt" in message.lower():
+        return "corrupt or truncated JPEG"
+    if "Unknown image file format" in message:
+        return "not an image (unknown file format)"
+    return message.splitlines()[0][:200] if message else type(exc).__name__
 
 
 def prepare(

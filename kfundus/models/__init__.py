@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 from kfundus.errors import ConfigError
+from kfundus.models.dual_stream import build_dual_stream
 from kfundus.models.efficientnet import build_efficientnet_b0
+from kfundus.models.clip_lora import build_clip_lora, build_vit, shadow_objective
 
 BUILDERS = {"efficientnet_b0": build_efficientnet_b0}
+BUILDERS["clip_lora"] = build_clip_lora  # CLIP vision encoder + LoRA (SPECS.md section 1)
+BUILDERS["vit"] = build_vit  # keras-hub ViT baseline, same head and loss
+BUILDERS["dual_stream"] = build_dual_stream
 
 # model.name -> fn(config, manifest, train_targets) -> kfundus.training.Objective, for models
 # whose loss, metrics or targets differ from one output over the labels (multi-task heads,
 # an embedding output for a metric-learning loss). Absent: kfundus.training.default_objective.
 OBJECTIVES = {}
+OBJECTIVES["clip_lora"] = shadow_objective  # BCE + lambda * Shadow loss
+OBJECTIVES["vit"] = shadow_objective
+
+
+def _dual_stream_objective(config, manifest, train_targets):
+    from kfundus.multitask import dual_stream_objective
+
+    return dual_stream_objective(config, manifest, train_targets)
+
+
+OBJECTIVES["dual_stream"] = _dual_stream_objective
 
 
 def build_model(config, *, num_outputs: int, image_size: int, task: str, two_eye: bool = False):
@@ -51,3 +67,12 @@ def check_options(fn, options: dict, where: str) -> None:
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ConfigError(f"{where}: unknown option(s) {unknown}; valid: {valid}")
+
+
+def load_model(path, **kwargs):
+    """``keras.saving.load_model`` with every kfundus model family's classes registered
+    (importing this package registers them: custom layers, losses, keras-hub encoders).
+    Use it wherever a saved kfundus model is read."""
+    import keras
+
+    return keras.saving.load_model(path, **kwargs)

