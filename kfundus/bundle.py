@@ -19,11 +19,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-import keras
 import numpy as np
 
 from kfundus.errors import ConfigError, DataError
-from kfundus.export import CALIBRATION_SAMPLES, TFLITE_FILES, export_bundle, run_tflite
+from kfundus.export import CALIBRATION_SAMPLES, export_bundle, run_tflite
 from kfundus.models import load_model
 
 CARD = "model_card.json"
@@ -75,22 +74,17 @@ def _arrays(prepared, limit: int | None = None, seed: int = 0) -> dict[str, np.n
     return arrays
 
 
-def _primary(outputs, primary):
-    if isinstance(outputs, dict):
-        return np.asarray(outputs[primary] if primary else next(iter(outputs.values())))
-    return np.asarray(outputs)
-
-
 def format_accuracy(paths: dict, model, prepared, info: dict, primary: str | None) -> dict:
     """Per format (Keras and each TFLite file), the validation metrics of the primary output."""
     from kfundus.labels import DR_GRADES
     from kfundus.metrics import evaluate_predictions
+    from kfundus.training import primary_output
 
     inputs = _arrays(prepared)
     y_true = prepared.manifest.targets()
     labels = info["labels"]
     task = info["task"]
-    predictions = {"keras": _primary(model.predict(inputs if len(inputs) > 1 else inputs["image"],
+    predictions = {"keras": primary_output(model.predict(inputs if len(inputs) > 1 else inputs["image"],
                                                    batch_size=32, verbose=0), primary)}
     for key, path in paths.items():
         if key.startswith("tflite"):
@@ -99,7 +93,7 @@ def format_accuracy(paths: dict, model, prepared, info: dict, primary: str | Non
                 batch = run_tflite(path, {k: v[start:start + 32] for k, v in inputs.items()})
                 for name, value in batch.items():
                     outputs.setdefault(name, []).append(value)
-            predictions[Path(path).name] = _primary({k: np.concatenate(v) for k, v in outputs.items()}, primary)
+            predictions[Path(path).name] = primary_output({k: np.concatenate(v) for k, v in outputs.items()}, primary)
     table = {}
     for name, y_prob in predictions.items():
         metrics = evaluate_predictions(y_true, y_prob, labels, task, ordinal=labels == DR_GRADES)
@@ -205,5 +199,3 @@ def read_card(bundle) -> dict:
                           f"(saved_models/<run>)")
     return json.loads(path.read_text())
 
-
-__all__ = ["export_run", "format_accuracy", "read_card", "headline", "CARD", "TFLITE_FILES"]

@@ -18,7 +18,6 @@ import html
 import json
 from pathlib import Path
 
-import keras
 import numpy as np
 import pandas as pd
 

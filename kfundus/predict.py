@@ -142,8 +142,6 @@ class _Preprocessor:
 
 
 def _keras_runner(bundle: Path, inputs: list[str]):
-    import keras
-
     model = load_model(bundle / "model.keras")
 
     def run(batch: dict) -> dict:

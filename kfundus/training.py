@@ -138,6 +138,8 @@ def primary_output(predictions, primary: str | None = None) -> np.ndarray:
     of named outputs of which ``primary`` is the one over the labels)."""
     if not isinstance(predictions, dict):
         return np.asarray(predictions, dtype=np.float32)
+    if primary is None and len(predictions) == 1:  # one named output (a TFLite or SavedModel run)
+        return np.asarray(next(iter(predictions.values())), dtype=np.float32)
     if primary is None or primary not in predictions:
         raise ConfigError(f"the model has outputs {sorted(predictions)}; its objective must name the "
                           "one over the labels (Objective.primary)")

@@ -273,7 +273,7 @@ def _decode_error(path: str, config: Preprocess) -> str | None:
 def decode_error_message(exc: tf.errors.OpError) -> str:
     """A short reason from a TensorFlow decode error (no op dump)."""
     message = exc.message.split("[Op:")[0].strip().rstrip(".")
-    if "Invalid JPEG data" in message or "jpeg" in message.lower() and "corrupt" in message.lower():
+    if "Invalid JPEG data" in message or ("jpeg" in message.lower() and "corrupt" in message.lower()):
         return "corrupt or truncated JPEG"
     if "Unknown image file format" in message:
         return "not an image (unknown file format)"
