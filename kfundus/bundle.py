@@ -74,6 +74,20 @@ def _arrays(prepared, limit: int | None = None, seed: int = 0) -> dict[str, np.n
     return arrays
 
 
+def rank_agreement(y_prob, reference) -> float | None:
+    """Mean over output columns of the Spearman correlation between ``y_prob`` and
+    ``reference``: whether a quantized file orders the images as the Keras model does
+    (what AUROC depends on), which the max difference alone does not say. Columns that are
+    constant in either are left out; None if all are."""
+    from scipy.stats import spearmanr
+
+    y_prob = np.asarray(y_prob).reshape(len(y_prob), -1)
+    reference = np.asarray(reference).reshape(len(reference), -1)
+    values = [spearmanr(y_prob[:, j], reference[:, j]).statistic for j in range(y_prob.shape[1])
+              if np.ptp(y_prob[:, j]) > 0 and np.ptp(reference[:, j]) > 0]
+    return float(np.mean(values)) if values else None
+
+
 def format_accuracy(paths: dict, model, prepared, info: dict, primary: str | None) -> dict:
     """Per format (Keras and each TFLite file), the validation metrics of the primary output."""
     from kfundus.labels import DR_GRADES
@@ -100,6 +114,7 @@ def format_accuracy(paths: dict, model, prepared, info: dict, primary: str | Non
         table[name] = {k: metrics[k] for k in ("macro_auroc", "auroc", "accuracy", "quadratic_kappa")
                        if k in metrics}
         table[name]["max_abs_diff_vs_keras"] = float(np.max(np.abs(y_prob - predictions["keras"])))
+        table[name]["rank_correlation_vs_keras"] = rank_agreement(y_prob, predictions["keras"])
     return {"rows": len(y_true), "split": "val", **table}
 
 

