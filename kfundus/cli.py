@@ -7,6 +7,8 @@
     explain   --run runs/NAME --images DIR_OR_GLOB | --split test [--classes predicted|G,C] [--out DIR]
     synth     --layout odir|rfmid --out DIR [...]   (synthetic data in the public layouts)
     sweep     --config configs/X.yaml --data DIR --grid KEY=V1,V2 [...]   (comparison table)
+    transfer  --config configs/hr_transfer.yaml [--data DIR]   (LP / FT / LP-FT, k-fold comparison)
+    pretrain  --config configs/retclip_pretrain.yaml --data DIR   (RET-CLIP; saves a vision preset)
     demo      [--out demo]  synthetic data -> train -> evaluate -> export, in a few minutes
 
 ``train.py`` and ``evaluate.py`` at the top of the repository call the first two.
@@ -97,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("predict", help="images -> CSV of probabilities and decisions (kfundus predict --help)")
     sub.add_parser("explain", help="Grad-CAM overlays (kfundus explain --help)")
     sub.add_parser("synth", help="write a synthetic dataset in a public layout (kfundus synth --help)")
+    sub.add_parser("pretrain", help="RET-CLIP image-report pre-training (kfundus pretrain --help)")
     sub.add_parser("sweep", help="train + evaluate a config over a grid of settings, compare (kfundus sweep --help)")
+    sub.add_parser("transfer", help="linear probe vs fine-tune vs LP-FT per backbone, k-fold (kfundus transfer --help)")
 
     p = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> export")
     p.add_argument("--out", default="demo")
@@ -110,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 PASS_THROUGH = {"predict": "kfundus.predict:main", "explain": "kfundus.explain:main_explain",
                 "synth": "kfundus.data.synthetic:main"}
 PASS_THROUGH["sweep"] = "kfundus.sweep:main"
+PASS_THROUGH["transfer"] = "kfundus.transfer:main"
+PASS_THROUGH["pretrain"] = "kfundus.pretrain:main"
 
 
 def main(argv=None) -> int:

@@ -73,6 +73,7 @@ class TrainConfig:
     stopping (``early_stopping`` = patience in epochs, 0 = off). ``loss``: bce,
     weighted_bce (positive weights n_neg/n_pos from the training split, capped at
     ``pos_weight_cap``) or focal (``focal_gamma``); see ``kfundus.losses``.
+    ``beta_2``: Adam/AdamW second-moment decay (CLIP-style pre-training uses 0.98).
     ``loss_options``: parameters of a model family's own loss (read by its objective in
     ``kfundus.models.OBJECTIVES``, which rejects unknown ones)."""
 
@@ -85,6 +86,7 @@ class TrainConfig:
     optimizer: str = "adam"
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
+    beta_2: float = 0.999
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     mixed_precision: bool = False
@@ -148,6 +150,11 @@ def _coerce(value, hint, where):
         t = typing.get_origin(t) or t
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if t is float and isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if t is int and isinstance(value, bool):
             continue
         if isinstance(t, type) and isinstance(value, t):

@@ -169,9 +169,9 @@ def make_optimizer(train, steps_per_epoch: int):
         raise ConfigError(f"train.schedule={train.schedule!r}: use 'cosine' or 'constant'")
     name = train.optimizer.lower()
     if name == "adam":
-        return keras.optimizers.Adam(lr)
+        return keras.optimizers.Adam(lr, beta_2=train.beta_2)
     if name == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=train.weight_decay or 0.004)
+        return keras.optimizers.AdamW(lr, weight_decay=train.weight_decay or 0.004, beta_2=train.beta_2)
     if name == "sgd":
         return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True)
     raise ConfigError(f"train.optimizer={train.optimizer!r}: use adam, adamw or sgd")

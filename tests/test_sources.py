@@ -398,7 +398,7 @@ def test_load_source_dispatch_and_option_errors(tmp_path):
         sel = sources.load_source("odir", tmp_path / "annotation.csv", labels=["N", "C"], drop_empty=True)
     assert m.level == "patient" and len(m) == 3
     assert sel.labels == ["N", "C"] and len(sel) == 4  # patient 1: C and N eyes, 2: two N, 3: neither
-    with pytest.raises(ConfigError, match=r"'odri'.*\['csv', 'dr', 'folders', 'odir', 'odir_kaggle', 'rfmid'\]"):
+    with pytest.raises(ConfigError, match=r"'odri'.*\['csv', 'dr', 'folders', 'hrdc', 'odir', 'odir_kaggle', 'rfmid'\]"):
         sources.load_source("odri", tmp_path)
     with pytest.raises(ConfigError, match=r"\['levels'\].*'level'"):
         sources.load_source("odir", tmp_path, levels="eye")

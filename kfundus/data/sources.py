@@ -524,6 +524,9 @@ def read_csv(csv, *, image_column="image", label_columns=None, patient_column=No
 
 SOURCES = {"odir": read_odir, "odir_kaggle": read_odir_kaggle, "rfmid": read_rfmid,
            "dr": read_dr_grades, "folders": read_class_folders, "csv": read_csv}
+from kfundus.data.hrdc import read_hrdc  # noqa: E402 - CGI-HRDC hypertensive retinopathy (binary)
+
+SOURCES["hrdc"] = read_hrdc
 _LABEL_FILES = {"odir": ["annotation.csv", "*.xlsx", "*.csv"], "odir_kaggle": ["full_df.csv", "*.csv"],
                 "dr": ["trainLabels.csv", "train.csv", "test.csv", "*.csv"]}
 

@@ -724,8 +724,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kfundus.data.synthetic", description=(
         "Write a synthetic fundus dataset with learnable lesions in a public layout."))
     add = parser.add_argument
-    add("--layout", choices=["odir", "rfmid", "oct", "dr"], default="odir",
-        help="oct: Kermany OCT B-scans (greyscale); dr: EyePACS DR grades 0-4")
+    add("--layout", choices=["odir", "rfmid", "oct", "dr", "hrdc"], default="odir",
+        help="oct: Kermany OCT B-scans (greyscale); dr: EyePACS DR grades 0-4; hrdc: CGI-HRDC hypertension")
     add("--out", required=True, help="folder to write")
     add("--patients", type=int, default=100, help="ODIR, dr: patients (2 images each); oct: patients")
     add("--images", type=int, default=60, help="RFMiD: images over all splits")
@@ -740,6 +740,12 @@ def main(argv=None) -> int:
         out = make_oct(args.out, n_patients=args.patients, size=args.size, seed=args.seed, aspect=args.aspect)
         counts = {f"{p.parent.name}/{p.name}": len(list(p.glob("*.jpeg"))) for p in sorted(out.glob("*/*"))}
         print(f"wrote synthetic OCT B-scans (Kermany layout) to {out}: {counts}")
+        return 0
+    if args.layout == "hrdc":  # CGI-HRDC layout, --images images (kfundus.data.synthetic_hr)
+        from kfundus.data.synthetic_hr import make_hrdc
+
+        out = make_hrdc(args.out, n_images=args.images, size=args.size, seed=args.seed)
+        print(f"wrote {args.images} images (CGI-HRDC layout) to {out}: 1-Images/, 2-Groundtruths/")
         return 0
     if args.layout == "dr":
         out = make_dr(args.out, n_patients=args.patients, size=args.size, seed=args.seed, aspect=args.aspect)
