@@ -180,20 +180,29 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from defaults) and apply ``--set`` overrides."""
+def read_yaml(path: str | Path | None, overrides: list[str] | None = None,
+              hint: str = "the published setups are in configs/") -> tuple[dict, str]:
+    """(the YAML mapping with ``--set`` overrides applied, where it came from) for any
+    command's config (``hint`` completes the not-found message)."""
     data: dict = {}
     where = "config"
     if path is not None:
         path = Path(path)
         if not path.exists():
-            raise ConfigError(f"config file {path} not found; the published setups are in configs/")
+            raise ConfigError(f"config file {path} not found; {hint}")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
         where = str(path)
-    data = apply_overrides(data, overrides)
+    return apply_overrides(data, overrides), where
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults) and apply ``--set`` overrides."""
+    data, where = read_yaml(path, overrides)
     return _build(Config, data, where)
 
 

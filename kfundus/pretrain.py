@@ -27,13 +27,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from kfundus.config import TrainConfig, _build, apply_overrides
+from kfundus.config import TrainConfig, _build, read_yaml
 from kfundus.errors import ConfigError, KfundusError
 
 RETCLIP_TRAIN = {"optimizer": "adamw", "learning_rate": 3e-5, "weight_decay": 1e-3, "beta_2": 0.98,
@@ -108,15 +109,7 @@ class PretrainConfig:
 def load_pretrain_config(path=None, overrides=None) -> PretrainConfig:
     """Read a pre-training YAML (train defaults: RET-CLIP's AdamW 3e-5, wd 1e-3, betas
     (0.9, 0.98), warm-up + cosine) and apply ``--set`` overrides."""
-    import yaml
-
-    data, where = {}, "pretrain config"
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} not found; see configs/retclip_pretrain.yaml")
-        data, where = yaml.safe_load(path.read_text()) or {}, str(path)
-    data = apply_overrides(data, overrides)
+    data, where = read_yaml(path, overrides, "see configs/retclip_pretrain.yaml")
     train = data.get("train") or {}
     if not isinstance(train, dict):
         raise ConfigError(f"{where}.train: expected a mapping")
@@ -442,6 +435,6 @@ def main(argv=None) -> int:
                 raise ConfigError("give --config configs/retclip_pretrain.yaml (or --run R --evaluate)")
             pretrain(load_pretrain_config(args.config, args.overrides), args.data, args.run_dir, args.overwrite)
     except KfundusError as exc:
-        print(f"kfundus pretrain: error: {exc}")
+        print(f"kfundus pretrain: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -10,11 +10,8 @@ say so below.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
-import yaml
-
-from kfundus.config import _build, apply_overrides
+from kfundus.config import _build, read_yaml
 from kfundus.data.pipeline import Augment
 from kfundus.errors import ConfigError
 
@@ -148,17 +145,7 @@ def check_config(config: TransferConfig, where: str = "config") -> TransferConfi
 
 def load_transfer_config(path=None, overrides=None) -> TransferConfig:
     """Read a transfer YAML (or start from defaults) and apply ``--set`` overrides."""
-    data, where = {}, "config"
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} not found; see configs/hr_transfer.yaml")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-        where = str(path)
-    data = apply_overrides(data, overrides)
+    data, where = read_yaml(path, overrides, "see configs/hr_transfer.yaml")
     return check_config(_build(TransferConfig, data, where), where)
 
 

@@ -4,6 +4,7 @@ identical embeddings, zero-shot classification."""
 
 import json
 
+import keras
 import numpy as np
 import pytest
 
@@ -157,3 +158,31 @@ def test_vision_preset_reloads_with_identical_embeddings(pretrained):
     got = np.asarray(token_pooling("cls", int(encoder.output.shape[1]))(encoder({"images": normalise(x)})))
     np.testing.assert_allclose(got, want, atol=1e-5)  # same function (float op order may differ)
     assert np.std(want) > 0.1
+
+
+def test_pretrain_command_errors_name_the_fix(tmp_path, capsys):
+    from kfundus.cli import main
+
+    assert main(["pretrain", "--config", "configs/retclip_pretrain.yaml", "--data", str(tmp_path / "absent"),
+                 "--run-dir", str(tmp_path / "run")]) == 2
+    assert str(tmp_path / "absent") in capsys.readouterr().err
+    assert main(["pretrain", "--evaluate"]) == 2
+    assert "--run" in capsys.readouterr().err
+    assert main(["pretrain", "--config", "configs/retclip_pretrain.yaml", "--set", "train.epochz=1"]) == 2
+    assert "epochz" in capsys.readouterr().err
+
+
+def test_mixed_precision_step_keeps_float32_logits():
+    previous = keras.mixed_precision.global_policy().name
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = tiny_model()
+        loss, weights, _ = retclip_losses()
+        model.compile(optimizer="adam", loss=loss, loss_weights=weights)
+        x = random_batch(6)
+        out = model(x)
+        assert all(keras.backend.standardize_dtype(out[b].dtype) == "float32" for b in BRANCHES)
+        result = model.train_on_batch(x, {b: np.arange(6) for b in BRANCHES}, return_dict=True)
+        assert np.isfinite(result["loss"]) and result["loss"] > 0
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
