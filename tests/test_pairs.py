@@ -271,3 +271,20 @@ def test_load_pairs_options(tmp_path):
         pairs.load_pairs("odir", tmp_path, level="eye")
     with pytest.raises(DataError, match="does not exist"):
         pairs.load_pairs("retclip", tmp_path, split="val")
+
+
+def test_pair_dataset_augments_each_eye_and_refuses_hflip(synth):
+    """Augmentation (per eye, training) keeps shapes and range and changes the pixels;
+    an in-place horizontal flip is refused (it would swap laterality)."""
+    from kfundus.data.pipeline import Augment
+
+    _, _, tokenizer, prepared, _ = synth
+    packer = TextPacker(tokenizer, 24)
+    plain = next(iter(pairs.make_pair_dataset(prepared, packer, 4)))
+    augmented = next(iter(pairs.make_pair_dataset(prepared, packer, 4, augment=Augment(rotation=20, brightness=0.2))))
+    for side in ("left_image", "right_image"):
+        a, b = plain[side].numpy(), augmented[side].numpy()
+        assert a.shape == b.shape and b.min() >= 0 and b.max() <= 255
+        assert np.abs(a - b).mean() > 1.0
+    with pytest.raises(ConfigError, match="hflip"):
+        pairs.make_pair_dataset(prepared, packer, 4, augment=Augment(hflip=True))

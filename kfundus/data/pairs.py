@@ -41,7 +41,7 @@ import tensorflow as tf
 from kfundus import labels as kl
 from kfundus.data import sources
 from kfundus.data.manifest import Manifest
-from kfundus.data.pipeline import Prepared, Preprocess, default_cache_dir, prepare
+from kfundus.data.pipeline import Prepared, Preprocess, augmenter, default_cache_dir, prepare
 from kfundus.errors import ConfigError, DataError
 
 PAIR_COLUMNS = ["patient_id", "left", "right", "report"]
@@ -400,7 +400,7 @@ def swap_sides(text: str) -> str:
 
 def make_pair_dataset(prepared: PreparedPairs, packer, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                       flip: bool = False, repeat: bool = False, with_index: bool = False,
-                      drop_remainder: bool = False) -> tf.data.Dataset:
+                      drop_remainder: bool = False, augment=None) -> tf.data.Dataset:
     """Stream prepared pairs as batches of dicts.
 
     Yields ``{"left_image": float32 (B, H, W, 3) in [0, 255], "right_image": ...,
@@ -422,7 +422,13 @@ def make_pair_dataset(prepared: PreparedPairs, packer, batch_size: int, *, shuff
         with_index: also yield ``index``.
         drop_remainder: drop a last, smaller batch (a contrastive loss on a tiny last
             batch has few negatives).
+        augment: a :class:`kfundus.data.pipeline.Augment` applied to each eye on its own
+            (training only; its ``hflip`` is refused for the reason above: use ``flip``).
     """
+    if augment is not None and augment.hflip:
+        raise ConfigError("data.augment.hflip would mirror one eye in place and teach the wrong laterality; "
+                          "use data.flip (mirrors both eyes, swaps them and the report's sides)")
+    aug = augmenter(augment, seed) if augment is not None else None
     size = prepared.config.image_size
     n_original = len(prepared.table) + len(prepared.skipped)
     skipped_rows = prepared.images.skipped["row"].to_numpy()
@@ -460,6 +466,9 @@ def make_pair_dataset(prepared: PreparedPairs, packer, batch_size: int, *, shuff
             pick = lambda a, b: tf.where(flipped[:, None, None, None], a, b)  # noqa: E731
             left, right = pick(tf.reverse(right, axis=[2]), left), pick(tf.reverse(left, axis=[2]), right)
             text = tf.where(flipped, tf.gather(swapped_table, index), text)
+        if aug is not None:
+            left = tf.clip_by_value(aug(left, training=True), 0.0, 255.0)
+            right = tf.clip_by_value(aug(right, training=True), 0.0, 255.0)
         left.set_shape([None, size, size, 3])
         right.set_shape([None, size, size, 3])
         out = {"left_image": left, "right_image": right, **packer(text)}

@@ -194,6 +194,14 @@ def _resize_positions(table: np.ndarray, positions: int) -> np.ndarray:
 # layers
 
 
+def input_normalization(family: str):
+    """The encoder family's input normalisation as a layer, for float32 RGB in [0, 255]
+    (named ``<family>_normalization``)."""
+    spec = FAMILIES[family]
+    return keras.layers.Normalization(mean=[255.0 * m for m in spec["mean"]],
+                                      variance=[(255.0 * s) ** 2 for s in spec["std"]], name=f"{family}_normalization")
+
+
 def token_pooling(mode: str, tokens: int):
     """One vector per image from a ``(batch, tokens, dim)`` sequence, built from core Keras
     layers only (a saved model then needs no kfundus import to load): ``"cls"`` keeps the
@@ -286,10 +294,7 @@ def build_transformer_classifier(
         apply_lora(encoder, int(lora_rank), lora_alpha, list(lora_targets))
     else:
         _freeze_blocks(encoder, trainable_blocks)
-    spec = FAMILIES[family]
-    normalise = keras.layers.Normalization(
-        mean=[255.0 * m for m in spec["mean"]], variance=[(255.0 * s) ** 2 for s in spec["std"]],
-        name=f"{family}_normalization")
+    normalise = input_normalization(family)
     pool = token_pooling(pooling, int(encoder.output.shape[1]))
     shape = (image_size, image_size, 3)
 

@@ -43,7 +43,7 @@ import numpy as np
 from keras import ops
 
 from kfundus.errors import ConfigError
-from kfundus.models.clip_lora import CLIP_MEAN, CLIP_STD, ENCODER_NAME, load_encoder, token_pooling
+from kfundus.models.clip_lora import ENCODER_NAME, input_normalization, load_encoder, token_pooling
 
 BRANCHES = ("left", "right", "patient")
 TEXT_ENCODER_NAME = "text_encoder"
@@ -190,8 +190,7 @@ def build_retclip(
     vision.name = ENCODER_NAME
     text = load_text_encoder(text_weights, text_config, vocabulary_size, sequence_length)
     text.name = TEXT_ENCODER_NAME
-    normalise = keras.layers.Normalization(
-        mean=[255.0 * m for m in CLIP_MEAN], variance=[(255.0 * s) ** 2 for s in CLIP_STD], name="clip_normalization")
+    normalise = input_normalization("clip")
     pool = token_pooling("cls", int(vision.output.shape[1]))
     shape = (image_size, image_size, 3)
     left = keras.Input(shape, name="left_image")
