@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from kfundus.config import TrainConfig, _build, read_yaml
+from kfundus.data.pipeline import Augment
 from kfundus.errors import ConfigError, KfundusError
 
 RETCLIP_TRAIN = {"optimizer": "adamw", "learning_rate": 3e-5, "weight_decay": 1e-3, "beta_2": 0.98,
@@ -46,7 +47,8 @@ RECALL_AT = (1, 5, 10)
 class PairDataConfig:
     """Image-report pairs (``kfundus.data.pairs.load_pairs``): ``source`` odir | csv |
     retclip, its ``options``; preprocessing; patient fractions held out for validation and
-    test. ``flip`` flips both eyes and swaps them (off: a plain flip mislabels laterality)."""
+    test. ``flip`` flips both eyes and swaps them (off: a plain flip mislabels laterality);
+    ``augment``: random rotation / zoom / colour per eye during training (no ``hflip``)."""
 
     source: str = "odir"
     path: str | None = None
@@ -56,6 +58,7 @@ class PairDataConfig:
     cache_dir: str | None = None
     skip_unreadable: bool = False
     flip: bool = False
+    augment: Augment = dataclasses.field(default_factory=Augment)
     val: float = 0.1
     test: float = 0.1
     seed: int = 0
@@ -208,7 +211,8 @@ def pretrain(config: PretrainConfig, data_path=None, run_dir=None, overwrite: bo
     steps = config.train.steps_per_epoch or max(1, len(prepared["train"].table) // batch)
     train_ds = _aligned(make_pair_dataset(prepared["train"], packer, batch, shuffle=True, seed=config.train.seed,
                                           flip=config.data.flip, repeat=bool(config.train.steps_per_epoch),
-                                          drop_remainder=len(prepared["train"].table) >= batch))
+                                          drop_remainder=len(prepared["train"].table) >= batch,
+                                          augment=config.data.augment))
     val_ds = _aligned(make_pair_dataset(prepared["val"], packer, batch))
     (run_dir / "retclip.json").write_text(json.dumps({
         "image_size": config.data.image_size, "crop_fundus": config.data.crop_fundus,

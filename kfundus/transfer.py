@@ -119,7 +119,7 @@ def make_folds(manifest: Manifest, config: TransferConfig) -> list[dict]:
 def build_extractor(spec: BackboneSpec, image_size: int, seed: int = 0) -> keras.Model:
     """Image (float32 RGB in [0, 255]) -> feature vector, for one backbone spec. Random
     weights are seeded by ``seed``, so every call builds the same starting network."""
-    from kfundus.models.clip_lora import FAMILIES, load_encoder, token_pooling
+    from kfundus.models.clip_lora import input_normalization, load_encoder, token_pooling
     from kfundus.models.efficientnet import efficientnet_b0_backbone
 
     keras.utils.set_random_seed(seed)
@@ -132,10 +132,7 @@ def build_extractor(spec: BackboneSpec, image_size: int, seed: int = 0) -> keras
         features = keras.layers.GlobalAveragePooling2D(name="features")(backbone(inputs))
     else:
         encoder = load_encoder(family, spec.weights, image_size, spec.encoder_config or None)
-        norm = FAMILIES[family]
-        normalise = keras.layers.Normalization(mean=[255.0 * m for m in norm["mean"]],
-                                               variance=[(255.0 * s) ** 2 for s in norm["std"]],
-                                               name=f"{family}_normalization")
+        normalise = input_normalization(family)
         tokens = encoder({"images": normalise(inputs)})
         features = token_pooling("cls", int(tokens.shape[1]))(tokens)
     return keras.Model(inputs, features, name=f"{spec.name}_features")
