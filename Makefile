@@ -1,12 +1,18 @@
 # make demo   — set up, generate synthetic data, train, evaluate, export (minutes on a CPU)
 # make test   — set up, run the whole test suite
 # make bench  — set up, run the benchmarks in benchmarks/ (ratios against in-run baselines)
+# make test-backends — a second venv (.cache/venv-jax: jax[cpu] + kfundus, TensorFlow for
+#               tf.data) and the backend matrix tests/backends (TF vs JAX; torch if installed)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kfundus-installed
 
-.PHONY: demo test bench install clean
+BVENV  ?= .cache/venv-jax
+BPY    := $(BVENV)/bin/python
+BSTAMP := $(BVENV)/.kfundus-installed
+
+.PHONY: demo test bench install clean test-backends
 
 install: $(STAMP)
 
@@ -26,6 +32,16 @@ bench: $(STAMP)
 	$(PY) benchmarks/pipeline.py
 	$(PY) benchmarks/tflite.py
 	$(PY) benchmarks/lora.py
+
+$(BSTAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(BVENV)
+	$(BPY) -m pip install --quiet --upgrade pip
+	$(BPY) -m pip install --quiet "jax[cpu]" -e ".[test]"
+	-$(BPY) -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu  # optional: adds torch
+	touch $(BSTAMP)
+
+test-backends: $(BSTAMP)
+	KFUNDUS_BACKEND_MATRIX=1 $(BPY) -m pytest -q -s tests/backends
 
 clean:
 	rm -rf demo runs .pytest_cache

@@ -109,8 +109,12 @@ class ExportConfig:
 
 @dataclasses.dataclass
 class Config:
+    """``distribution``: none | mirrored | multi_worker, the data-parallel strategy the run
+    builds its model in (``kfundus.distribute``; ``train.batch_size`` is the global batch)."""
+
     name: str = "run"
     output_dir: str = "runs"
+    distribution: str = "none"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -202,8 +206,12 @@ def read_yaml(path: str | Path | None, overrides: list[str] | None = None,
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or start from defaults) and apply ``--set`` overrides."""
+    from kfundus.distribute import check_distribution
+
     data, where = read_yaml(path, overrides)
-    return _build(Config, data, where)
+    config = _build(Config, data, where)
+    check_distribution(config.distribution, f"{where}: distribution")
+    return config
 
 
 def config_to_dict(config: Config) -> dict:

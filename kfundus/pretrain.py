@@ -107,6 +107,7 @@ class PretrainConfig:
     model: RetClipConfig = dataclasses.field(default_factory=RetClipConfig)
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(**RETCLIP_TRAIN))
     zero_shot: ZeroShotConfig = dataclasses.field(default_factory=ZeroShotConfig)
+    distribution: str = "none"  # none | mirrored | multi_worker (kfundus.distribute); train.batch_size is global
 
 
 def load_pretrain_config(path=None, overrides=None) -> PretrainConfig:
@@ -117,7 +118,11 @@ def load_pretrain_config(path=None, overrides=None) -> PretrainConfig:
     if not isinstance(train, dict):
         raise ConfigError(f"{where}.train: expected a mapping")
     data["train"] = {**RETCLIP_TRAIN, **train}
-    return _build(PretrainConfig, data, where)
+    from kfundus.distribute import check_distribution
+
+    config = _build(PretrainConfig, data, where)
+    check_distribution(config.distribution, f"{where}: distribution")
+    return config
 
 
 # ---------------------------------------------------------------------------
@@ -227,15 +232,19 @@ def pretrain(config: PretrainConfig, data_path=None, run_dir=None, overwrite: bo
     if config.train.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        model = build_retclip(
-            image_size=config.data.image_size, vocabulary_size=int(tokenizer.vocabulary_size()),
-            sequence_length=config.text.sequence_length, vision_weights=config.model.vision_weights,
-            vision_config=config.model.vision_config or None, text_weights=config.model.text_weights,
-            text_config=config.model.text_config or None, embed_dim=config.model.embed_dim,
-            text_head_dim=config.model.text_head_dim)
-        loss, weights, metrics = retclip_losses()
-        model.compile(optimizer=make_optimizer(config.train, steps), loss=loss, loss_weights=weights,
-                      metrics=metrics)
+        from kfundus.distribute import drop_short_batch, strategy_scope
+
+        with strategy_scope(config.distribution) as strategy:  # "none": the default strategy, a no-op
+            model = build_retclip(
+                image_size=config.data.image_size, vocabulary_size=int(tokenizer.vocabulary_size()),
+                sequence_length=config.text.sequence_length, vision_weights=config.model.vision_weights,
+                vision_config=config.model.vision_config or None, text_weights=config.model.text_weights,
+                text_config=config.model.text_config or None, embed_dim=config.model.embed_dim,
+                text_head_dim=config.model.text_head_dim)
+            loss, weights, metrics = retclip_losses()
+            model.compile(optimizer=make_optimizer(config.train, steps), loss=loss, loss_weights=weights,
+                          metrics=metrics)
+        val_ds = drop_short_batch(val_ds, len(prepared["val"].table), batch, strategy.num_replicas_in_sync)
         warnings.filterwarnings("ignore", message=".*shuffle=True.*was passed")
         model.fit(train_ds, validation_data=val_ds, epochs=config.train.epochs,
                   steps_per_epoch=config.train.steps_per_epoch, callbacks=make_callbacks(run_dir, config.train),

@@ -33,6 +33,7 @@ import pandas as pd
 from kfundus.config import Config, save_config
 from kfundus.data.manifest import Manifest
 from kfundus.data.pipeline import Preprocess, make_dataset, prepare
+from kfundus.distribute import drop_short_batch, strategy_scope
 from kfundus.errors import ConfigError, DataError
 from kfundus.models import load_model
 
@@ -288,18 +289,22 @@ def train(config: Config, data_path: str | None = None, run_dir: str | Path | No
     if train_cfg.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        model = build_model(config.model, num_outputs=len(manifest.labels), image_size=config.data.image_size,
-                            task=manifest.task, two_eye=two_eye)
-        # BCE on the sigmoid output: Keras computes it from the logits the sigmoid keeps
-        # (BCE with logits), while the model still returns probabilities.
-        objective = make_objective(config, manifest, prepared["train"].manifest.targets())
-        model.compile(optimizer=make_optimizer(train_cfg, steps), loss=objective.loss,
-                      loss_weights=objective.loss_weights, metrics=objective.metrics)
-        train_ds = make_dataset(prepared["train"], batch_size=batch, training=True,
-                                augment=config.data.augment, seed=train_cfg.seed)
+        with strategy_scope(config.distribution) as strategy:  # "none": the default strategy, a no-op
+            model = build_model(config.model, num_outputs=len(manifest.labels), image_size=config.data.image_size,
+                                task=manifest.task, two_eye=two_eye)
+            # BCE on the sigmoid output: Keras computes it from the logits the sigmoid keeps
+            # (BCE with logits), while the model still returns probabilities.
+            objective = make_objective(config, manifest, prepared["train"].manifest.targets())
+            model.compile(optimizer=make_optimizer(train_cfg, steps), loss=objective.loss,
+                          loss_weights=objective.loss_weights, metrics=objective.metrics)
+        replicas = strategy.num_replicas_in_sync
+        train_ds = drop_short_batch(make_dataset(prepared["train"], batch_size=batch, training=True,
+                                                 augment=config.data.augment, seed=train_cfg.seed),
+                                    len(prepared["train"]), batch, replicas)
         if train_cfg.steps_per_epoch:
             train_ds = train_ds.repeat()
-        val_ds = make_dataset(prepared["val"], batch_size=batch)
+        val_ds = drop_short_batch(make_dataset(prepared["val"], batch_size=batch), len(prepared["val"]), batch,
+                                  replicas)
         if objective.targets is not None:
             train_ds, val_ds = (ds.map(lambda x, y: (x, objective.targets(y))) for ds in (train_ds, val_ds))
         warnings.filterwarnings("ignore", message=".*shuffle=True.*was passed")  # the dataset shuffles itself

@@ -334,9 +334,12 @@ def run_cell(spec, protocol, fold, i, y, images, features, config, histories: Pa
         probs = probe_predict(features[te], *head)
         row["val_auroc"] = row["lp_val_auroc"]
     else:
-        model = build_classifier(build_extractor(spec, config.data.image_size, config.cv.seed), head)
-        history = fine_tune(model, images, y, tr, va, config.ft, augment=config.data.augment,
-                            seed=config.cv.seed + i)
+        from kfundus.distribute import strategy_scope
+
+        with strategy_scope(config.distribution):  # model, optimizer and metrics in the strategy
+            model = build_classifier(build_extractor(spec, config.data.image_size, config.cv.seed), head)
+            history = fine_tune(model, images, y, tr, va, config.ft, augment=config.data.augment,
+                                seed=config.cv.seed + i)
         history.to_csv(histories / f"{spec.name}_{protocol}_fold{i}.csv", index=False)
         probs = model.predict(images[te].astype(np.float32), batch_size=config.ft.batch_size, verbose=0).ravel()
         row["val_auroc"] = float(roc_auc_score(y[va], model.predict(

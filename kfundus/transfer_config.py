@@ -115,6 +115,7 @@ class TransferConfig:
     ft: FTConfig = dataclasses.field(default_factory=FTConfig)
     threshold: float = 0.5
     feature_batch_size: int = 64
+    distribution: str = "none"  # none | mirrored | multi_worker (kfundus.distribute); ft.batch_size is global
 
 
 def check_config(config: TransferConfig, where: str = "config") -> TransferConfig:
@@ -138,6 +139,9 @@ def check_config(config: TransferConfig, where: str = "config") -> TransferConfi
         raise ConfigError(f"{where}.lp.solver={config.lp.solver!r}: use sklearn or keras")
     if config.lp.C <= 0:
         raise ConfigError(f"{where}.lp.C={config.lp.C}: must be > 0")
+    from kfundus.distribute import check_distribution
+
+    check_distribution(config.distribution, f"{where}.distribution")
     if not 0 < config.cv.val < 1:
         raise ConfigError(f"{where}.cv.val={config.cv.val}: a fraction in (0, 1) of the training patients")
     return config
