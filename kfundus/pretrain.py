@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kfundus.config import TrainConfig, _build, read_yaml
+from kfundus.config import TrainConfig, _build, read_yaml, save_config
 from kfundus.data.pipeline import Augment
 from kfundus.errors import ConfigError, KfundusError
 
@@ -224,8 +224,6 @@ def pretrain(config: PretrainConfig, data_path=None, run_dir=None, overwrite: bo
         "sequence_length": config.text.sequence_length, "vocabulary_size": int(tokenizer.vocabulary_size()),
         "source": config.data.source, "data_path": str(data_path or config.data.path),
         "patients": {n: int(len(p.table)) for n, p in prepared.items()}}, indent=1))
-    from kfundus.config import save_config
-
     save_config(config, run_dir / "config.yaml")
 
     previous_policy = keras.mixed_precision.global_policy().name
