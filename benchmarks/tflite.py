@@ -35,7 +35,8 @@ tf.config.threading.set_inter_op_parallelism_threads(1)
 
 from kfundus.config import ModelConfig  # noqa: E402
 from kfundus.data.synthetic import make_arrays  # noqa: E402
-from kfundus.export import QUANTIZATIONS, TFLITE_FILES, _interpreter, _quantize, export_bundle  # noqa: E402
+from kfundus.export import export_bundle  # noqa: E402
+from kfundus.tflite import QUANTIZATIONS, TFLITE_FILES, _interpreter, _quantize  # noqa: E402
 from kfundus.models import build_model  # noqa: E402
 
 

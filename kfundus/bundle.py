@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from kfundus.errors import ConfigError, DataError
-from kfundus.export import CALIBRATION_SAMPLES, export_bundle, run_tflite
+from kfundus.export import CALIBRATION_SAMPLES, export_bundle
+from kfundus.tflite import run_tflite
 from kfundus.models import load_model
 
 CARD = "model_card.json"

@@ -154,7 +154,7 @@ def _keras_runner(bundle: Path, inputs: list[str]):
 
 
 def _tflite_file(bundle: Path, card: dict, choice: str | None) -> Path:
-    from kfundus.export import TFLITE_FILES
+    from kfundus.tflite import TFLITE_FILES
 
     choice = choice or "float32"
     if choice in TFLITE_FILES:
@@ -169,7 +169,7 @@ def _tflite_file(bundle: Path, card: dict, choice: str | None) -> Path:
 
 
 def _tflite_runner(path: Path):
-    from kfundus.export import run_tflite
+    from kfundus.tflite import run_tflite
 
     return lambda batch: run_tflite(path, batch)
 

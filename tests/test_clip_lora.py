@@ -120,7 +120,8 @@ def test_adapters_round_trip_exactly_and_refuse_a_mismatch(trained, preset):
 
 
 def test_merged_model_equals_lora_model_and_exports(trained, tmp_path):
-    from kfundus.export import export_bundle, has_flex_ops, run_saved_model, run_tflite
+    from kfundus.export import export_bundle, run_saved_model
+    from kfundus.tflite import has_flex_ops, run_tflite
 
     model, _, _, (xv, _), _ = trained
     merged = merge_lora(model)

@@ -14,7 +14,7 @@ from PIL import Image
 from kfundus import export
 from kfundus.cli import main
 from kfundus.data.pipeline import Preprocess, make_dataset, prepare
-from kfundus.export import TFLITE_FILES, run_tflite
+from kfundus.tflite import TFLITE_FILES, has_flex_ops, run_tflite
 from tests.test_pipeline import fundus_like, manifest_of, write
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
@@ -83,7 +83,7 @@ def test_bundle_has_card_and_every_tflite_variant(trained):
     for variant, name in TFLITE_FILES.items():
         path = bundle / name
         sizes[variant] = path.stat().st_size
-        assert not export.has_flex_ops(path), variant
+        assert not has_flex_ops(path), variant
         got = run_tflite(path, {"image": x})["probabilities"]
         assert got.shape == want.shape and np.isfinite(got).all(), variant
         # float32 is the model; the quantized files are approximations (measured max |diff|:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kfundus import export
+from kfundus import export, tflite
 from kfundus.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
@@ -102,11 +102,11 @@ def test_small_net_bundle_matches_keras(small_bundle):
         inputs = images(batch, seed)
         want = keras_outputs(model, inputs)
         assert want["probabilities"].std() > 1e-3  # not saturated: the comparison has teeth
-        assert_close(export.run_tflite(paths["tflite"], inputs), want, atol=1e-4)
-        assert_close(export.run_tflite(paths["tflite"], inputs["image"]), want, atol=1e-4)
+        assert_close(tflite.run_tflite(paths["tflite"], inputs), want, atol=1e-4)
+        assert_close(tflite.run_tflite(paths["tflite"], inputs["image"]), want, atol=1e-4)
         assert_close(saved_model_outputs(paths["saved_model"], inputs), want, atol=1e-5)
         assert_close(export.run_saved_model(paths["saved_model"], inputs), want, atol=1e-5)
-    assert not export.has_flex_ops(paths["tflite"])
+    assert not tflite.has_flex_ops(paths["tflite"])
 
 
 def test_keras_file_reloads_identically(small_bundle):
@@ -163,7 +163,7 @@ def test_two_eye_mixed_precision_model(tmp_path):
     inputs = images(3, 4, names=("left_image", "right_image"))
     want = keras_outputs(reference, inputs)
     assert want["probabilities"].std() > 1e-3
-    got = export.run_tflite(paths["tflite"], inputs)
+    got = tflite.run_tflite(paths["tflite"], inputs)
     assert {k: v.dtype for k, v in got.items()} == {"probabilities": np.float32, "grade": np.float32}
     assert_close(got, want, atol=1e-4)
     assert_close(saved_model_outputs(paths["saved_model"], inputs), want, atol=1e-5)
@@ -186,11 +186,11 @@ def test_efficientnet_b0_has_only_builtin_ops(tmp_path):
     model = keras.Model(image, {"probabilities": probs, "features": features})
     paths = export.export_bundle(model, tmp_path, labels=list("ABCD"), formats=("tflite",))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.txt", "model.tflite", "model_card.json"]
-    ops = export.tflite_ops(paths["tflite"])
-    assert "DEPTHWISE_CONV_2D" in ops and not export.has_flex_ops(paths["tflite"])
+    ops = tflite.tflite_ops(paths["tflite"])
+    assert "DEPTHWISE_CONV_2D" in ops and not tflite.has_flex_ops(paths["tflite"])
     inputs = images(2, 5)
     want = keras_outputs(model, inputs)
-    got = export.run_tflite(paths["tflite"], inputs)
+    got = tflite.run_tflite(paths["tflite"], inputs)
     assert_close(got, want, atol=1e-4)
     # An untrained EfficientNet's features are tiny (~1e-6), so 1e-4 alone proves little:
     # also ask for agreement relative to their scale.
@@ -218,20 +218,20 @@ def test_has_flex_ops_on_select_tf_ops_model(tmp_path):
         tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
     path = tmp_path / "flex.tflite"
     path.write_bytes(converter.convert())
-    assert "FlexMatrixInverse" in export.tflite_ops(path)
-    assert export.has_flex_ops(path)
+    assert "FlexMatrixInverse" in tflite.tflite_ops(path)
+    assert tflite.has_flex_ops(path)
 
 
 def test_dynamic_int8_is_smaller_and_close(small_bundle, tmp_path):
     model, _, paths = small_bundle
-    quantized = export.convert_tflite(paths["saved_model"], tmp_path / "q.tflite",
+    quantized = tflite.convert_tflite(paths["saved_model"], tmp_path / "q.tflite",
                                       quantization="dynamic_int8")
     assert quantized.stat().st_size < paths["tflite"].stat().st_size
     interpreter = tf.lite.Interpreter(model_path=str(quantized))
     assert np.int8 in {d["dtype"] for d in interpreter.get_tensor_details()}  # int8 weights
     assert all(d["dtype"] == np.float32 for d in interpreter.get_input_details())
     inputs = images(4, 6)
-    got = export.run_tflite(quantized, inputs)["probabilities"]
+    got = tflite.run_tflite(quantized, inputs)["probabilities"]
     want = keras_outputs(model, inputs)["probabilities"]
     assert np.abs(got - want).max() < 0.05
 
@@ -239,11 +239,11 @@ def test_dynamic_int8_is_smaller_and_close(small_bundle, tmp_path):
 def test_bad_options_raise_before_work(tmp_path):
     model = small_net()
     with pytest.raises(ConfigError, match="int8.*calibration"):
-        export.convert_tflite(tmp_path, tmp_path / "m.tflite", quantization="int8")
+        tflite.convert_tflite(tmp_path, tmp_path / "m.tflite", quantization="int8")
     with pytest.raises(ConfigError, match="int8.*calibration"):
         export.export_bundle(model, tmp_path, labels=ODIR, tflite_variants=("float32", "int8"))
     with pytest.raises(ConfigError, match="bfloat"):
-        export.convert_tflite(tmp_path, tmp_path / "m.tflite", quantization="bfloat")
+        tflite.convert_tflite(tmp_path, tmp_path / "m.tflite", quantization="bfloat")
     with pytest.raises(ConfigError, match="onnx"):
         export.export_bundle(model, tmp_path, labels=ODIR, formats=("onnx",))
     with pytest.raises(export.ExportError, match="4 labels"):
@@ -253,16 +253,16 @@ def test_bad_options_raise_before_work(tmp_path):
 
 def test_run_tflite_without_signatures_uses_tensor_names(small_bundle, monkeypatch):
     model, _, paths = small_bundle
-    real = export._interpreter
+    real = tflite._interpreter
 
     def without_signatures(path, num_threads):
         interpreter = real(path, num_threads)
         interpreter.get_signature_list = lambda: {}
         return interpreter
 
-    monkeypatch.setattr(export, "_interpreter", without_signatures)
+    monkeypatch.setattr(tflite, "_interpreter", without_signatures)
     inputs = images(2, 8)
-    got = export.run_tflite(paths["tflite"], inputs)  # "serving_default_image:0" -> "image"
+    got = tflite.run_tflite(paths["tflite"], inputs)  # "serving_default_image:0" -> "image"
     assert len(got) == 1
     np.testing.assert_allclose(next(iter(got.values())), keras_outputs(model, inputs)["probabilities"],
                                rtol=0, atol=1e-4)
@@ -271,7 +271,7 @@ def test_run_tflite_without_signatures_uses_tensor_names(small_bundle, monkeypat
 def test_wrong_input_names_are_named(small_bundle):
     _, _, paths = small_bundle
     x = images(1, 7)["image"]
-    for run, path in ((export.run_tflite, paths["tflite"]),
+    for run, path in ((tflite.run_tflite, paths["tflite"]),
                       (export.run_saved_model, paths["saved_model"])):
         with pytest.raises(export.ExportError, match=r"\['image'\].*\['left_image'\]"):
             run(path, {"left_image": x})

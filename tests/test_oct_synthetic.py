@@ -15,7 +15,8 @@ from kfundus.data.pipeline import Preprocess, make_dataset, prepare
 from kfundus.data.sources import load_source
 from kfundus.data.synthetic import make_oct, render_bscan
 from kfundus.evaluation import evaluate_run
-from kfundus.export import export_bundle, run_saved_model, run_tflite, tflite_ops
+from kfundus.export import export_bundle, run_saved_model
+from kfundus.tflite import run_tflite, tflite_ops
 from kfundus.labels import OCT_CLASSES
 from kfundus.training import train
 

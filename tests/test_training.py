@@ -13,7 +13,7 @@ from kfundus import training
 from kfundus.cli import main
 from kfundus.config import load_config
 from kfundus.data.synthetic import make_odir
-from kfundus.export import run_tflite
+from kfundus.tflite import run_tflite
 from tests.conftest import train_args
 
 REPO = Path(__file__).resolve().parents[1]
