@@ -13,7 +13,7 @@ from PIL import Image
 from kfundus.config import load_config
 from kfundus.data.pipeline import Preprocess, make_dataset, prepare
 from kfundus.data.sources import load_source
-from kfundus.data.synthetic import make_oct, render_bscan
+from kfundus.data.synthetic_oct import make_oct, render_bscan
 from kfundus.evaluation import evaluate_run
 from kfundus.export import export_bundle, run_saved_model
 from kfundus.tflite import run_tflite, tflite_ops

@@ -27,7 +27,6 @@ import base64
 import binascii
 import dataclasses
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -307,10 +306,7 @@ def load_pairs(kind: str, path, **options) -> pd.DataFrame:
     if kind not in READERS:
         raise ConfigError(f"pairs source {kind!r} is unknown; valid sources: {sorted(READERS)}")
     reader = READERS[kind]
-    valid = list(inspect.signature(reader).parameters)[1:]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ConfigError(f"option(s) {unknown} are not valid for pairs source {kind!r}; valid options: {valid}")
+    sources.check_reader_options(reader, options, f"pairs source {kind!r}")
     path = Path(path)
     if kind == "odir" and path.is_dir():
         path = sources._find_label_file("odir", path)

@@ -543,6 +543,15 @@ def _find_label_file(kind: str, folder: Path) -> Path:
                     "give the file itself as path")
 
 
+def check_reader_options(reader, options: dict, what: str, extra=()) -> None:
+    """ConfigError naming ``what`` if ``options`` has keys that ``reader`` (its arguments
+    after the path) and ``extra`` do not take, listing the valid ones."""
+    valid = list(inspect.signature(reader).parameters)[1:] + list(extra)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"option(s) {unknown} are not valid for {what}; valid options: {valid}")
+
+
 def load_source(kind: str, path, **options) -> Manifest:
     """Read a dataset by name, for configs: ``data: {source: odir, path: ..., level: eye}``.
 
@@ -559,11 +568,7 @@ def load_source(kind: str, path, **options) -> Manifest:
     labels, drop_empty = options.pop("labels", None), options.pop("drop_empty", False)
     path = Path(path)
     reader = read_rfmid_dir if kind == "rfmid" and path.is_dir() else SOURCES[kind]
-    valid = list(inspect.signature(reader).parameters)[1:]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ConfigError(f"option(s) {unknown} are not valid for data source {kind!r}; valid options: "
-                          f"{valid + ['labels', 'drop_empty']}")
+    check_reader_options(reader, options, f"data source {kind!r}", extra=["labels", "drop_empty"])
     if kind in _LABEL_FILES and path.is_dir():
         path = _find_label_file(kind, path)
     manifest = reader(path, **options)
