@@ -20,10 +20,15 @@ freezes every other weight of the encoder, biases included (PEFT's ``bias="none"
 Keras' LoRA on an ``EinsumDense`` keeps every kernel axis but the last in its ``A``
 factor. For the attention output projection (kernel ``heads x head_dim x hidden``) this is
 the usual LoRA; for the query / key / value projections (kernel ``hidden x heads x
-head_dim``) ``A`` is ``hidden x heads x r`` and ``B`` is ``r x head_dim``: one ``A`` per
-head sharing one ``B``, i.e. ``heads`` times the parameters (and up to ``heads * r`` the
-rank) of a textbook rank-``r`` update of the ``hidden x hidden`` matrix.
-``lora_parameter_count`` reports both (``benchmarks/lora.py``).
+head_dim``) ``A`` would be ``hidden x heads x r`` and ``B`` ``r x head_dim``: one ``A`` per
+head sharing one ``B``, ``heads`` times the parameters (and up to ``heads * r`` the rank) of
+the paper's rank-``r`` update of the ``hidden x hidden`` matrix. kfundus therefore gives
+such layers the paper's factorisation (``LoRAEinsumDense``: ``A`` over the kernel's input
+axes, ``B`` over all its output axes, ``W' = W + (alpha / r) tensordot(A, B)``), and keeps
+Keras' variable names, merge-on-save and ``lora_rank`` / ``lora_alpha`` attributes, so
+adapters, merging and export are unchanged. ``per_head=True`` keeps Keras' own
+factorisation. ``lora_parameter_count`` reports the count and the paper's count
+(``benchmarks/lora.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+from keras import ops
 
 from kfundus.errors import ConfigError
 
@@ -65,7 +71,69 @@ def lora_layers(encoder: keras.Layer, targets) -> list:
             and pattern.search(layer.path)]
 
 
-def apply_lora(encoder: keras.Layer, rank: int, alpha: float | None = None, targets=("query", "value")) -> list[str]:
+def _input_axes(layer: keras.layers.EinsumDense) -> list[bool]:
+    """For each axis of ``layer``'s kernel: is it contracted with the input (a fan-in axis)?"""
+    inputs, kernel = layer.equation.split("->")[0].split(",")
+    return [axis in inputs for axis in kernel]
+
+
+def _needs_own_factorisation(layer) -> bool:
+    """True for an EinsumDense whose kernel is ``fan-in axes..., output axes...`` with more
+    than one output axis (query / key / value: ``hidden x heads x head_dim``): Keras'
+    ``enable_lora`` would factorise it per head."""
+    if type(layer) is not keras.layers.EinsumDense:
+        return False
+    fan_in = _input_axes(layer)
+    n_in = sum(fan_in)
+    return fan_in == [True] * n_in + [False] * (len(fan_in) - n_in) and len(fan_in) - n_in > 1
+
+
+@keras.saving.register_keras_serializable(package="kfundus")
+class LoRAEinsumDense(keras.layers.EinsumDense):
+    """An ``EinsumDense`` whose LoRA update is the paper's rank-``r`` factorisation of the
+    kernel seen as a ``fan_in x fan_out`` matrix (Hu et al. 2021, eq. 3).
+
+    With kernel ``W`` of shape ``in_axes + out_axes`` (e.g. ``hidden x heads x head_dim``),
+    ``A`` has shape ``in_axes + (r,)`` and ``B`` ``(r,) + out_axes``, and the layer computes
+    with ``W + (alpha / r) * tensordot(A, B, 1)``. ``apply_lora`` switches a built
+    ``EinsumDense`` to this class in place (its weights and config are unchanged); saving
+    merges the update into ``kernel`` as Keras does, so a saved model is a plain
+    ``EinsumDense`` again. Quantised kernels are not supported.
+    """
+
+    def enable_lora(self, rank, lora_alpha=None, a_initializer="he_uniform", b_initializer="zeros"):
+        if not self.built:
+            raise ValueError(f"{self.path}: build the layer before enabling LoRA")
+        if self.lora_enabled:
+            raise ValueError(f"{self.path}: LoRA is already enabled; it can be enabled once per layer")
+        if self.quantization_mode is not None or self.kernel_constraint:
+            raise ConfigError(f"{self.path}: LoRA needs a float kernel without a constraint "
+                              f"(quantization {self.quantization_mode!r})")
+        shape = tuple(self._kernel.shape)
+        n_in = sum(_input_axes(self))
+        self._tracker.unlock()
+        self.lora_kernel_a = self.add_weight(name="lora_kernel_a", shape=shape[:n_in] + (rank,),
+                                             initializer=keras.initializers.get(a_initializer), dtype="float32",
+                                             regularizer=self.kernel_regularizer)
+        self.lora_kernel_b = self.add_weight(name="lora_kernel_b", shape=(rank,) + shape[n_in:],
+                                             initializer=keras.initializers.get(b_initializer), dtype="float32",
+                                             regularizer=self.kernel_regularizer)
+        self._kernel.trainable = False
+        self._tracker.lock()
+        self.lora_enabled = True
+        self.lora_rank = rank
+        self.lora_alpha = lora_alpha if lora_alpha is not None else rank
+
+    @property
+    def kernel(self):
+        if not (self.built and self.lora_enabled):
+            return keras.layers.EinsumDense.kernel.fget(self)
+        update = ops.tensordot(self.lora_kernel_a, self.lora_kernel_b, axes=1)
+        return ops.cast(ops.add(self._kernel, (self.lora_alpha / self.lora_rank) * update), self.compute_dtype)
+
+
+def apply_lora(encoder: keras.Layer, rank: int, alpha: float | None = None, targets=("query", "value"),
+               per_head: bool = False) -> list[str]:
     """Freeze ``encoder`` and enable LoRA on the layers ``targets`` selects.
 
     Args:
@@ -73,6 +141,8 @@ def apply_lora(encoder: keras.Layer, rank: int, alpha: float | None = None, targ
         rank: LoRA rank ``r`` (> 0).
         alpha: scale numerator; the update is ``(alpha / r) A @ B`` (None: ``alpha = r``).
         targets: name patterns, e.g. ``["query", "value"]``, ``["attention", "mlp"]``.
+        per_head: keep Keras' own factorisation of multi-head projections (one ``A`` per
+            head, ``heads`` times the parameters); default: the paper's (``LoRAEinsumDense``).
 
     Returns: the paths of the adapted layers. Raises ConfigError when nothing matches.
     """
@@ -87,6 +157,8 @@ def apply_lora(encoder: keras.Layer, rank: int, alpha: float | None = None, targ
     encoder.trainable = False  # every variable frozen ...
     for layer in chosen:  # ... then the low-rank factors added as the only trainable ones
         layer.trainable = True  # (Keras makes a frozen layer's new weights non-trainable)
+        if not per_head and _needs_own_factorisation(layer):
+            object.__setattr__(layer, "__class__", LoRAEinsumDense)
         layer.enable_lora(int(rank), lora_alpha=float(alpha if alpha is not None else rank))
         for variable in layer.weights:  # enable_lora freezes the kernel; freeze the bias too
             variable.trainable = "lora_kernel" in variable.path

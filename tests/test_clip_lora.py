@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from kfundus.data.synthetic import make_arrays, make_odir
 from kfundus.errors import ConfigError
-from kfundus.lora import load_adapters, lora_parameter_count, merge_lora, save_adapters
+from kfundus.lora import load_adapters, lora_layers, lora_parameter_count, merge_lora, save_adapters
 from kfundus.losses import ShadowLoss
 from kfundus.models.clip_lora import build_clip_lora, build_vit, load_encoder
 
@@ -101,7 +101,32 @@ def test_lora_model_learns_and_frozen_weights_stay_bit_identical(trained):
              if not np.array_equal(before, next(v for v in model.trainable_weights if v.path == p).numpy())]
     assert sorted(moved) == sorted(lora_before)  # and every LoRA factor / head weight trained
     share = lora_parameter_count(model.get_layer("encoder"))
-    assert share["lora_parameters"] == 2 * 2 * (48 * 2 * 4 + 4 * 24)  # 2 blocks x (q, v) x (A + B)
+    # 2 blocks x (q, v) x (A: hidden x r, B: r x hidden), the paper's rank-r update
+    assert share["lora_parameters"] == 2 * 2 * (48 * 4 + 4 * 48) == share["textbook_lora_parameters"]
+
+
+def test_lora_update_is_the_papers_rank_r_matrix_and_per_head_is_keras():
+    """A LoRA query projection computes x (W + alpha/r A B) + b with W seen as a
+    hidden x hidden matrix (checked in NumPy); ``lora_per_head`` keeps Keras' own
+    factorisation, heads times larger."""
+    keras.utils.set_random_seed(0)
+    model = build_clip_lora(1, image_size=SIZE, encoder_config=TINY_CLIP, lora_rank=4, lora_alpha=8)
+    query = lora_layers(model.get_layer("encoder"), ["query"])[0]
+    assert query.lora_kernel_a.shape == (48, 4) and query.lora_kernel_b.shape == (4, 2, 24)
+    query.lora_kernel_b.assign(np.random.default_rng(1).normal(size=(4, 2, 24)) * 0.1)
+    x = np.random.default_rng(2).normal(size=(3, 5, 48)).astype("float32")
+    kernel = query._kernel.numpy().reshape(48, 48)
+    update = query.lora_kernel_a.numpy() @ query.lora_kernel_b.numpy().reshape(4, 48)
+    expected = x @ (kernel + (8 / 4) * update) + query.bias.numpy().reshape(48)
+    np.testing.assert_allclose(np.asarray(query(x)).reshape(3, 5, 48), expected, atol=1e-5)
+    assert not np.allclose(expected, x @ kernel + query.bias.numpy().reshape(48), atol=1e-2)  # the update counts
+    per_head = build_clip_lora(1, image_size=SIZE, encoder_config=TINY_CLIP, lora_rank=4, lora_alpha=8,
+                               lora_per_head=True)
+    query = lora_layers(per_head.get_layer("encoder"), ["query"])[0]
+    assert type(query) is keras.layers.EinsumDense
+    assert query.lora_kernel_a.shape == (48, 2, 4) and query.lora_kernel_b.shape == (4, 24)
+    count = lora_parameter_count(per_head.get_layer("encoder"))
+    assert count["lora_parameters"] == 2 * 2 * (48 * 2 * 4 + 4 * 24) > count["textbook_lora_parameters"]
 
 
 def test_adapters_round_trip_exactly_and_refuse_a_mismatch(trained, preset):

@@ -251,6 +251,7 @@ def build_transformer_classifier(
     lora_rank: int = 8,
     lora_alpha: float | None = 16,
     lora_targets=("query", "value"),
+    lora_per_head: bool = False,
     pooling: str = "cls",
     name: str | None = None,
 ) -> keras.Model:
@@ -274,6 +275,9 @@ def build_transformer_classifier(
         lora_alpha: LoRA alpha; the update is ``(alpha / r) A @ B`` (None: alpha = r).
         lora_targets: layer-name patterns (``kfundus.lora.TARGET_ALIASES``: query, key,
             value, attention_output, attention, mlp; or regular expressions).
+        lora_per_head: keep Keras' per-head factorisation of the query / key / value
+            projections (``heads`` times the parameters; see ``kfundus.lora``) instead of
+            the paper's rank-r update of the ``hidden x hidden`` matrix.
         pooling: ``"cls"`` or ``"mean"`` (see ``token_pooling``).
 
     Example:
@@ -291,7 +295,7 @@ def build_transformer_classifier(
     encoder = load_encoder(family, weights, image_size, encoder_config)
     encoder.name = ENCODER_NAME
     if int(lora_rank) > 0:
-        apply_lora(encoder, int(lora_rank), lora_alpha, list(lora_targets))
+        apply_lora(encoder, int(lora_rank), lora_alpha, list(lora_targets), per_head=bool(lora_per_head))
     else:
         _freeze_blocks(encoder, trainable_blocks)
     normalise = input_normalization(family)
@@ -323,25 +327,25 @@ def build_transformer_classifier(
 
 def build_clip_lora(num_outputs: int, *, image_size=224, weights=None, trainable_blocks=-1, dropout=0.1,
                     activation="sigmoid", two_eye=False, bn_momentum=None, encoder_config=None, lora_rank=8,
-                    lora_alpha=16, lora_targets=("query", "value"), pooling="cls"):
+                    lora_alpha=16, lora_targets=("query", "value"), lora_per_head=False, pooling="cls"):
     """CLIP vision encoder + LoRA (``model.name: clip_lora``); see ``build_transformer_classifier``."""
     return build_transformer_classifier(
         num_outputs, family="clip", image_size=image_size, weights=weights, trainable_blocks=trainable_blocks,
         dropout=dropout, activation=activation, two_eye=two_eye, bn_momentum=bn_momentum,
         encoder_config=encoder_config, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
-        pooling=pooling, name="clip_lora")
+        lora_per_head=lora_per_head, pooling=pooling, name="clip_lora")
 
 
 def build_vit(num_outputs: int, *, image_size=224, weights=None, trainable_blocks=-1, dropout=0.1,
               activation="sigmoid", two_eye=False, bn_momentum=None, encoder_config=None, lora_rank=8,
-              lora_alpha=16, lora_targets=("query", "value"), pooling="cls"):
+              lora_alpha=16, lora_targets=("query", "value"), lora_per_head=False, pooling="cls"):
     """keras-hub ViT baseline (``model.name: vit``), same head, LoRA and loss as ``clip_lora``;
     ``lora_rank: 0`` for plain fine-tuning."""
     return build_transformer_classifier(
         num_outputs, family="vit", image_size=image_size, weights=weights, trainable_blocks=trainable_blocks,
         dropout=dropout, activation=activation, two_eye=two_eye, bn_momentum=bn_momentum,
         encoder_config=encoder_config, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
-        pooling=pooling, name="vit")
+        lora_per_head=lora_per_head, pooling=pooling, name="vit")
 
 
 # ---------------------------------------------------------------------------
