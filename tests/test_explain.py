@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from kfundus import explain
+from kfundus import explain, saliency
 from kfundus.data.pipeline import Preprocess, preprocess_image
 from kfundus.data.synthetic import make_odir
 from kfundus.errors import ConfigError, DataError
@@ -185,16 +185,16 @@ def test_localisation_metrics_by_hand():
     masks[0, 2, 5:7] = 1.0
     masks[1, 6:8, 6:9] = 1.0
     masks[1, 0, 0] = 0.5  # fractional edge pixel
-    strict = explain.localisation(cams, masks)
+    strict = saliency.localisation(cams, masks)
     energy1 = (5 * 1 + 1 * 3 + 0.5 * 1) / (99 + 3)
     area = [2 / 100, 6.5 / 100]
     assert strict["energy_in_mask"] == pytest.approx((0 + energy1) / 2)
     assert strict["area_share"] == pytest.approx(np.mean(area))
     assert strict["ratio"] == pytest.approx(strict["energy_in_mask"] / strict["area_share"])
     assert strict["pointing_game"] == 0.5 and strict["n"] == 2
-    assert explain.localisation(cams, masks, tolerance=2)["pointing_game"] == 0.5
-    assert explain.localisation(cams, masks, tolerance=3)["pointing_game"] == 1.0
-    empty = explain.localisation(np.zeros((1, 4, 4)), np.ones((1, 4, 4)))
+    assert saliency.localisation(cams, masks, tolerance=2)["pointing_game"] == 0.5
+    assert saliency.localisation(cams, masks, tolerance=3)["pointing_game"] == 1.0
+    empty = saliency.localisation(np.zeros((1, 4, 4)), np.ones((1, 4, 4)))
     assert empty["energy_in_mask"] == 0 and empty["pointing_game"] == 0 and empty["empty_maps"] == 1
 
 
@@ -203,9 +203,9 @@ def test_learned_lesions_are_localised(trained):
     share of image area they cover, for a model that learned the labels (AUROC > 0.9)."""
     held_out = trained["paths"][trained["n_train"]:]
     assert all(v > 0.9 for v in trained["auroc"].values()), trained["auroc"]
-    report = explain.localisation_report(trained["model"], trained["root"], LABELS, trained["pre"],
+    report = saliency.localisation_report(trained["model"], trained["root"], LABELS, trained["pre"],
                                          images=held_out, tolerance=0).set_index("label")
-    tolerant = explain.localisation_report(trained["model"], trained["root"], LABELS, trained["pre"],
+    tolerant = saliency.localisation_report(trained["model"], trained["root"], LABELS, trained["pre"],
                                            images=held_out, tolerance=3).set_index("label")
     report["pointing_game_3px"] = tolerant["pointing_game"]
     print("\n" + report.round(3).to_string())
@@ -219,7 +219,7 @@ def test_learned_lesions_are_localised(trained):
         assert row["pointing_game_3px"] >= 0.5, (label, row.to_dict())
     # whole-field findings are left out by default
     all_labels = ["N", "D", "C", "G"]
-    assert list(explain.localisation_report(small_cnn(outputs=4), trained["root"], all_labels,
+    assert list(saliency.localisation_report(small_cnn(outputs=4), trained["root"], all_labels,
                                             trained["pre"], images=held_out[:2])["label"]) == ["D", "G"]
 
 
@@ -230,7 +230,7 @@ def test_randomised_model_gives_different_maps(trained):
     whose red and yellow dots are the strongest local contrasts even for random filters."""
     x, y = trained["x"][trained["n_train"]:], trained["y"][trained["n_train"]:]
     for c, label in enumerate(LABELS):
-        result = explain.randomisation_check(trained["model"], x[y[:, c] == 1], c, repeats=8, seed=c)
+        result = saliency.randomisation_check(trained["model"], x[y[:, c] == 1], c, repeats=8, seed=c)
         print(label, "mean Spearman trained vs randomised:", round(result["mean_spearman"], 3),
               "undefined:", result["n_undefined"], "of", result["spearman"].size)
         assert result["spearman"].shape == (8, int(y[:, c].sum()))
