@@ -2,6 +2,8 @@
 multi-task objective and targets, and learning both fundus tasks (TF1 normal/abnormal,
 TF2 DR grade) from synthetic EyePACS-layout data through ``kfundus.training.train``."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -144,3 +146,8 @@ def test_learns_both_fundus_tasks_from_synthetic_grades(tmp_path):
     assert metrics["heads"]["dr_grade"]["quadratic_kappa"] == pytest.approx(metrics["quadratic_kappa"])
     history = (run / "history.csv").read_text().splitlines()[0]
     assert "val_dr_grade_qwk" in history and "val_abnormal_auroc" in history
+    # a fresh process (as `python evaluate.py --run RUN` is) loads the compiled model: the
+    # QWK metric and WLSR loss it names must register when kfundus.models is imported
+    code = f"from kfundus.models import load_model; print(sorted(load_model({str(run / 'model.keras')!r}).output))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "dr_grade" in proc.stdout, proc.stderr[-2000:]

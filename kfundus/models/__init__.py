@@ -7,6 +7,7 @@ from kfundus.models.dual_stream import build_dual_stream
 from kfundus.models.efficientnet import build_efficientnet_b0
 from kfundus.models.clip_lora import build_clip_lora, build_vit, shadow_objective
 from kfundus.models import retclip  # noqa: F401 - registers RET-CLIP's layers and loss for load_model
+from kfundus import multitask  # noqa: F401 - registers the dual-stream QWK metric and WLSR loss for load_model
 
 BUILDERS = {"efficientnet_b0": build_efficientnet_b0}
 BUILDERS["clip_lora"] = build_clip_lora  # CLIP vision encoder + LoRA (SPECS.md section 1)
