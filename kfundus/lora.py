@@ -166,8 +166,9 @@ def apply_lora(encoder: keras.Layer, rank: int, alpha: float | None = None, targ
 
 
 def lora_parameter_count(encoder: keras.Layer) -> dict:
-    """Parameters of ``encoder``: total (frozen base), LoRA (as Keras implements it) and a
-    textbook rank-r LoRA of the same layers (``(fan_in + fan_out) * r`` per layer)."""
+    """Parameters of ``encoder``: total (frozen base), LoRA (the factors as built: the
+    paper's, or Keras' per-head ones with ``per_head``) and the paper's rank-r LoRA of the
+    same layers (``(fan_in + fan_out) * r`` per layer, ``textbook_*``)."""
     lora = textbook = 0
     for layer in encoder._flatten_layers(include_self=False):
         if getattr(layer, "lora_enabled", False):
