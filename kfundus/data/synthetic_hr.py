@@ -3,7 +3,7 @@
 The CGI-HRDC 2023 challenge ships ``1-Images/1-Training Set/<name>.png`` and
 ``2-Groundtruths/HRDC Hypertensive Classification Training Labels.csv`` (columns
 ``Image,Hypertensive``; task 2 names its column ``Hypertensive Retinopathy``). This module
-writes that layout with images from :func:`kfundus.data.synthetic.render_eye`.
+writes that layout with images from :func:`kfundus.data.fundus_render.render_eye`.
 
 The task is built so that the transfer protocols separate (``kfundus.transfer``'s tests):
 
@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from kfundus.data.synthetic import _blend, _eye_seed, _Eye, _polar, render_eye
+from kfundus.data.fundus_render import _blend, _Eye, _polar, render_eye
+from kfundus.data.synthetic import _eye_seed
 
 HRDC_IMAGES = Path("1-Images") / "1-Training Set"
 HRDC_LABELS = Path("2-Groundtruths") / "HRDC Hypertensive Classification Training Labels.csv"
