@@ -70,7 +70,9 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation. ``schedule``: cosine (with ``warmup_epochs``) or constant.
     ``monitor`` is the validation metric that picks the best checkpoint and drives early
-    stopping (``early_stopping`` = patience in epochs, 0 = off). ``loss``: bce,
+    stopping (``early_stopping`` = patience in epochs, 0 = off). ``checkpoint``: which
+    weights become ``model.keras``: ``best`` (the epoch with the best ``monitor``) or
+    ``last`` (the final epoch; for validation sets too small to pick an epoch on). ``loss``: bce,
     weighted_bce (positive weights n_neg/n_pos from the training split, capped at
     ``pos_weight_cap``) or focal (``focal_gamma``); see ``kfundus.losses``.
     ``beta_2``: Adam/AdamW second-moment decay (CLIP-style pre-training uses 0.98).
@@ -92,6 +94,7 @@ class TrainConfig:
     mixed_precision: bool = False
     early_stopping: int = 0
     monitor: str = "val_auroc"
+    checkpoint: str = "best"
     seed: int = 0
     steps_per_epoch: int | None = None
 

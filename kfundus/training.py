@@ -13,7 +13,7 @@ A run directory holds everything needed to evaluate, resume or export later:
       tensorboard/       TensorBoard logs
       thresholds.json    per-label decision thresholds chosen on validation (Youden's J)
       samples.npz        a few preprocessed validation images (export parity checks)
-      model.keras        the final model (= best checkpoint)
+      model.keras        the final model: the best checkpoint, or the last epoch (train.checkpoint)
 """
 
 from __future__ import annotations
@@ -247,6 +247,9 @@ def train(config: Config, data_path: str | None = None, run_dir: str | Path | No
     from kfundus.models import build_model
     from kfundus.plots import plot_training_curves
 
+    if config.train.checkpoint not in ("best", "last"):
+        raise ConfigError(f"train.checkpoint={config.train.checkpoint!r}: use 'best' (the epoch with the best "
+                          f"train.monitor) or 'last' (the final epoch)")
     run_dir = Path(run_dir or Path(config.output_dir) / config.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     _start_or_resume(run_dir, overwrite)
@@ -316,7 +319,8 @@ def train(config: Config, data_path: str | None = None, run_dir: str | Path | No
         keras.mixed_precision.set_global_policy(previous_policy)
 
     best = run_dir / "best.keras"
-    model = load_model(best) if best.exists() else model
+    if train_cfg.checkpoint == "best" and best.exists():
+        model = load_model(best)
     model.save(run_dir / "model.keras")
     val = prepared["val"]
     thresholds = choose_thresholds(val.manifest.targets(), predict(model, val, batch, objective.primary),
@@ -325,7 +329,8 @@ def train(config: Config, data_path: str | None = None, run_dir: str | Path | No
         {"method": "youden (on validation)", "labels": manifest.labels, "primary_output": objective.primary,
          "thresholds": [float(t) for t in thresholds]}, indent=1))
     plot_training_curves(run_dir / "history.csv", run_dir / "training_curves.png")
-    print(f"trained: {run_dir / 'model.keras'} (best {train_cfg.monitor} checkpoint)")
+    chosen = f"best {train_cfg.monitor} checkpoint" if train_cfg.checkpoint == "best" else "last epoch"
+    print(f"trained: {run_dir / 'model.keras'} ({chosen})")
     return run_dir
 
 

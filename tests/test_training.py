@@ -128,3 +128,43 @@ def test_rfmid_official_split_and_weighted_loss(tmp_path, capsys):
     assert (splits["split"] == expected).all()  # the official split, untouched
     model = keras.saving.load_model(run / "model.keras")
     assert model.loss.pos_weight and len(model.loss.pos_weight) == 4
+
+
+@pytest.mark.parametrize("checkpoint", ["best", "last"])
+def test_checkpoint_option_picks_best_or_last_epoch(tmp_path, monkeypatch, checkpoint):
+    """``train.checkpoint``: model.keras holds the best epoch's weights (best.keras) or the
+    final epoch's, shown by re-scoring model.keras on validation against history.csv."""
+    from kfundus.data.pipeline import make_dataset, prepare
+
+    make_callbacks = training.make_callbacks
+
+    def first_epoch_is_best(run_dir, train):  # fix the best epoch: the checkpoint only ever saves epoch 1
+        callbacks = make_callbacks(run_dir, train)
+        saver = next(c for c in callbacks if isinstance(c, keras.callbacks.ModelCheckpoint))
+        saver.monitor_op = lambda current, best: False  # epoch 1 is saved (nothing to compare with), no other
+        return callbacks
+
+    monkeypatch.setattr(training, "make_callbacks", first_epoch_is_best)
+    data = make_odir(tmp_path / "data", n_patients=24, size=48, seed=3, write_masks=False)
+    config = load_config(CONFIG, ["train.epochs=3", "data.image_size=32", "data.labels=[N, C]",
+                                  f"train.checkpoint={checkpoint}", "data.augment.rotation=0",
+                                  f"output_dir={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}"])
+    run = training.train(config, str(data))
+    history = pd.read_csv(run / "history.csv")
+    splits = training.make_splits(training.load_manifest(config, str(data)), config)
+    val = make_dataset(prepare(splits["val"], training.preprocess_config(config), cache_dir=config.data.cache_dir,
+                               progress=False), batch_size=config.train.batch_size)
+    model = keras.saving.load_model(run / "model.keras")
+    loss = model.evaluate(val, verbose=0, return_dict=True)["loss"]
+    epoch = 0 if checkpoint == "best" else len(history) - 1
+    assert loss == pytest.approx(history["val_loss"].iloc[epoch], rel=1e-4)
+    assert not np.isclose(history["val_loss"].iloc[0], history["val_loss"].iloc[-1], rtol=1e-3)  # epochs differ
+    best = keras.saving.load_model(run / "best.keras")
+    same = all(np.array_equal(a, b) for a, b in zip(model.get_weights(), best.get_weights()))
+    assert same == (checkpoint == "best")
+
+
+def test_unknown_checkpoint_option_is_named(tmp_path):
+    config = load_config(CONFIG, ["train.checkpoint=final", f"output_dir={tmp_path / 'runs'}"])
+    with pytest.raises(training.ConfigError, match=r"train.checkpoint='final'.*'best'.*'last'"):
+        training.train(config, str(tmp_path))
