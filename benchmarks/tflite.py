@@ -2,6 +2,7 @@
 size, against Keras ``predict_on_batch`` at batch size 1 and the float32 TFLite file.
 
     python benchmarks/tflite.py [--size 224] [--runs 50] [--out runs/bench/tflite.json]
+    python benchmarks/tflite.py --model efficientnet_lite0   # no squeeze-excitation, ReLU6
 
 Measured, not asserted (timings vary by up to 40 % on shared VMs; rounds are interleaved
 and the median of each variant's runs is reported). The model is kfundus' EfficientNet-B0
@@ -49,15 +50,42 @@ def tflite_call(path: Path, image: np.ndarray):
     return lambda: runner(image=feed)
 
 
+def efficientnet_lite0(size: int, num_outputs: int):
+    """EfficientNet-Lite0 (keras-hub's backbone with timm's lite0 settings: B0's blocks without
+    squeeze-excitation, ReLU6), a pooled linear head and sigmoid: a comparison point for the
+    int8 ratios, since squeeze-excitation and swish are what quantize worst in B0."""
+    import keras
+    import keras_hub
+
+    backbone = keras_hub.models.EfficientNetBackbone(
+        stackwise_kernel_sizes=[3, 3, 5, 3, 5, 5, 3], stackwise_num_repeats=[1, 2, 2, 3, 3, 4, 1],
+        stackwise_input_filters=[32, 16, 24, 40, 80, 112, 192],
+        stackwise_output_filters=[16, 24, 40, 80, 112, 192, 320],
+        stackwise_expansion_ratios=[1, 6, 6, 6, 6, 6, 6], stackwise_strides=[1, 2, 2, 2, 1, 2, 1],
+        stackwise_block_types=["v1"] * 7, stackwise_width_coefficients=[1.0] * 7,
+        stackwise_depth_coefficients=[1.0] * 7, stackwise_squeeze_and_excite_ratios=[0] * 7,
+        activation="relu6", min_depth=None, use_depth_divisor_as_min_depth=True,
+        cap_round_filter_decrease=True, dropout=0, input_shape=(size, size, 3))
+    image = keras.Input((size, size, 3), name="image")
+    features = backbone(keras.layers.Rescaling(1 / 127.5, offset=-1)(image))
+    logits = keras.layers.Dense(num_outputs)(keras.layers.GlobalAveragePooling2D()(features))
+    return keras.Model(image, keras.layers.Activation("sigmoid", name="probabilities")(logits))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--runs", type=int, default=50, help="timed calls per variant (after 5 warm-up calls)")
-    parser.add_argument("--out", default="runs/bench/tflite.json")
+    parser.add_argument("--model", choices=["efficientnet_b0", "efficientnet_lite0"], default="efficientnet_b0")
+    parser.add_argument("--out", default=None, help="default: runs/bench/tflite[_lite0].json")
     args = parser.parse_args(argv)
+    args.out = args.out or f"runs/bench/tflite{'_lite0' if args.model == 'efficientnet_lite0' else ''}.json"
 
-    model = build_model(ModelConfig(name="efficientnet_b0", weights=None), num_outputs=8,
-                        image_size=args.size, task="multilabel")
+    if args.model == "efficientnet_lite0":
+        model = efficientnet_lite0(args.size, 8)
+    else:
+        model = build_model(ModelConfig(name="efficientnet_b0", weights=None), num_outputs=8,
+                            image_size=args.size, task="multilabel")
     images, _ = make_arrays(65, size=args.size, labels=("D", "G", "C"), seed=0)
     images = images.astype("float32")
     calibration, probe = {"image": images[:64]}, images[64:65]
@@ -88,7 +116,7 @@ def main(argv=None) -> int:
                      "speed_vs_float32_tflite": round(base_ms / median[name], 2),
                      "size_bytes": sizes.get(name), "size_vs_float32": round(sizes[name] / base_size, 3)
                      if name in sizes else None})
-    print(f"\nEfficientNet-B0, {args.size} px, batch 1, one thread, median of {args.runs} interleaved runs")
+    print(f"\n{args.model}, {args.size} px, batch 1, one thread, median of {args.runs} interleaved runs")
     print("| variant | ms / image | speed vs float32 TFLite | size (MB) | size vs float32 |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -103,8 +131,8 @@ def main(argv=None) -> int:
           f"size (target <= 30 %: {'met' if verdict['int8_size_target_30pct_met'] else 'NOT met'})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"image_size": args.size, "runs": args.runs, "rows": rows, **verdict,
-                               "tensorflow": tf.__version__}, indent=1))
+    out.write_text(json.dumps({"model": args.model, "image_size": args.size, "runs": args.runs, "rows": rows,
+                               **verdict, "tensorflow": tf.__version__}, indent=1))
     print(f"written: {out}")
     return 0
 
