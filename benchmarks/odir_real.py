@@ -83,14 +83,21 @@ def main(argv=None):
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra kfundus config override (repeatable), e.g. data.augment.rotation=10")
     parser.add_argument("--name", default="kfundus", help="row name for the kfundus run")
+    parser.add_argument("--full-decode", action="store_true",
+                        help="kfundus decodes JPEGs at full size (no DCT-domain scaling), the rest unchanged")
     args = parser.parse_args(argv)
+    if args.full_decode:  # an experiment switch, not a pipeline option: its own cache folder below
+        import kfundus.data.pipeline
+
+        kfundus.data.pipeline._JPEG_RATIOS = (1,)
     if not Path(args.data).exists():
         print(f"{args.data} is absent: this benchmark needs ../shared/data/odir-sample")
         return 2
     out = Path(args.out or tempfile.mkdtemp(prefix="kfundus-odir-"))
     overrides = [f"data.labels=[{', '.join(LABELS)}]", "model.weights=null", "model.trainable_blocks=-1", f"data.image_size={args.size}",
                  f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", "train.early_stopping=0",
-                 f"output_dir={out}", f"data.cache_dir={out / 'cache'}", *args.overrides]
+                 f"output_dir={out}", f"data.cache_dir={out / ('cache-full-decode' if args.full_decode else 'cache')}",
+                 *args.overrides]
     config = load_config(REPO / "configs" / "odir_efficientnet_b0.yaml", overrides)
     splits = make_splits(load_manifest(config, args.data), config)
     results = {}
