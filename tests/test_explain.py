@@ -204,9 +204,9 @@ def test_learned_lesions_are_localised(trained):
     held_out = trained["paths"][trained["n_train"]:]
     assert all(v > 0.9 for v in trained["auroc"].values()), trained["auroc"]
     report = saliency.localisation_report(trained["model"], trained["root"], LABELS, trained["pre"],
-                                         images=held_out, tolerance=0).set_index("label")
+                                          images=held_out, tolerance=0).set_index("label")
     tolerant = saliency.localisation_report(trained["model"], trained["root"], LABELS, trained["pre"],
-                                           images=held_out, tolerance=3).set_index("label")
+                                            images=held_out, tolerance=3).set_index("label")
     report["pointing_game_3px"] = tolerant["pointing_game"]
     print("\n" + report.round(3).to_string())
     y = trained["y"][trained["n_train"]:]
@@ -220,7 +220,7 @@ def test_learned_lesions_are_localised(trained):
     # whole-field findings are left out by default
     all_labels = ["N", "D", "C", "G"]
     assert list(saliency.localisation_report(small_cnn(outputs=4), trained["root"], all_labels,
-                                            trained["pre"], images=held_out[:2])["label"]) == ["D", "G"]
+                                             trained["pre"], images=held_out[:2])["label"]) == ["D", "G"]
 
 
 def test_randomised_model_gives_different_maps(trained):

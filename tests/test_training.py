@@ -147,8 +147,8 @@ def test_checkpoint_option_picks_best_or_last_epoch(tmp_path, monkeypatch, check
     monkeypatch.setattr(training, "make_callbacks", first_epoch_is_best)
     data = make_odir(tmp_path / "data", n_patients=24, size=48, seed=3, write_masks=False)
     config = load_config(CONFIG, ["train.epochs=3", "data.image_size=32", "data.labels=[N, C]",
-                                  f"train.checkpoint={checkpoint}", "data.augment.rotation=0",
-                                  f"output_dir={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}"])
+                                  f"train.checkpoint={checkpoint}", f"output_dir={tmp_path / 'runs'}",
+                                  f"data.cache_dir={tmp_path / 'cache'}"])
     run = training.train(config, str(data))
     history = pd.read_csv(run / "history.csv")
     splits = training.make_splits(training.load_manifest(config, str(data)), config)
