@@ -40,25 +40,25 @@ REPO = Path(__file__).resolve().parents[1]
 LABELS = ["N", "G", "C"]
 
 
-def plain_dataset(frame, size, batch, shuffle):
+def plain_dataset(frame, size, batch, shuffle, seed=0):
     def load(path, y):
         image = tf.image.resize(tf.io.decode_jpeg(tf.io.read_file(path), channels=3), (size, size))
         return image, y
 
     ds = tf.data.Dataset.from_tensor_slices((frame["image"].to_numpy(), frame[LABELS].to_numpy("float32")))
     if shuffle:
-        ds = ds.shuffle(len(frame), seed=0)
+        ds = ds.shuffle(len(frame), seed=seed)
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch).prefetch(tf.data.AUTOTUNE)
 
 
-def run_baseline(splits, size, epochs, batch):
-    keras.utils.set_random_seed(0)
+def run_baseline(splits, size, epochs, batch, seed=0):
+    keras.utils.set_random_seed(seed)
     inputs = keras.Input((size, size, 3))
     base = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(size, size, 3))
     outputs = keras.layers.Dense(len(LABELS), activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(base(inputs)))
     model = keras.Model(inputs, outputs)
     model.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")
-    model.fit(plain_dataset(splits["train"].frame, size, batch, True), epochs=epochs, verbose=2)
+    model.fit(plain_dataset(splits["train"].frame, size, batch, True, seed), epochs=epochs, verbose=2)
     scores = {}
     for split in ("val", "test"):  # the last epoch's model; validation scored for reference only
         frame = splits[split].frame
@@ -83,6 +83,8 @@ def main(argv=None):
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra kfundus config override (repeatable), e.g. data.augment.rotation=10")
     parser.add_argument("--name", default="kfundus", help="row name for the kfundus run")
+    parser.add_argument("--baseline-seed", type=int, default=0,
+                        help="the baseline's initial weights and data order (kfundus: --set train.seed=K)")
     parser.add_argument("--full-decode", action="store_true",
                         help="kfundus decodes JPEGs at full size (no DCT-domain scaling), the rest unchanged")
     args = parser.parse_args(argv)
@@ -103,7 +105,7 @@ def main(argv=None):
     results = {}
     if args.only != "kfundus":
         start = time.time()
-        scores = run_baseline(splits, args.size, args.epochs, args.batch_size)
+        scores = run_baseline(splits, args.size, args.epochs, args.batch_size, args.baseline_seed)
         results["plain Keras baseline"] = {"per_class": scores["test"][0], "macro_auroc": scores["test"][1],
                                            "val_macro_auroc": scores["val"][1], "seconds": time.time() - start}
     if args.only != "baseline":

@@ -76,6 +76,9 @@ class TrainConfig:
     weighted_bce (positive weights n_neg/n_pos from the training split, capped at
     ``pos_weight_cap``) or focal (``focal_gamma``); see ``kfundus.losses``.
     ``beta_2``: Adam/AdamW second-moment decay (CLIP-style pre-training uses 0.98).
+    ``ema``: momentum of an exponential moving average of the weights (Polyak averaging,
+    the Keras optimizer's ``use_ema``), e.g. 0.99; validation, checkpoints and the final
+    model then use the averaged weights. ``null``: off.
     ``loss_options``: parameters of a model family's own loss (read by its objective in
     ``kfundus.models.OBJECTIVES``, which rejects unknown ones)."""
 
@@ -95,6 +98,7 @@ class TrainConfig:
     early_stopping: int = 0
     monitor: str = "val_auroc"
     checkpoint: str = "best"
+    ema: float | None = None
     seed: int = 0
     steps_per_epoch: int | None = None
 

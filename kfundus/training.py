@@ -169,12 +169,13 @@ def make_optimizer(train, steps_per_epoch: int):
     else:
         raise ConfigError(f"train.schedule={train.schedule!r}: use 'cosine' or 'constant'")
     name = train.optimizer.lower()
+    ema = {"use_ema": True, "ema_momentum": train.ema} if train.ema is not None else {}
     if name == "adam":
-        return keras.optimizers.Adam(lr, beta_2=train.beta_2)
+        return keras.optimizers.Adam(lr, beta_2=train.beta_2, **ema)
     if name == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=train.weight_decay or 0.004, beta_2=train.beta_2)
+        return keras.optimizers.AdamW(lr, weight_decay=train.weight_decay or 0.004, beta_2=train.beta_2, **ema)
     if name == "sgd":
-        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True)
+        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, **ema)
     raise ConfigError(f"train.optimizer={train.optimizer!r}: use adam, adamw or sgd")
 
 
@@ -189,8 +190,13 @@ def _best_so_far(history_csv: Path, monitor: str, mode: str):
 
 def make_callbacks(run_dir: Path, train) -> list:
     mode = "min" if "loss" in train.monitor else "max"
+    # With train.ema, SwapEMAWeights puts the averaged weights in the model for validation and
+    # from each epoch's end (so the checkpoint holds them) to the next epoch's start. It comes
+    # after BackupAndRestore, whose backup must hold the raw weights a resumed run trains on.
+    swap = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if train.ema is not None else []
     callbacks = [
         keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
+        *swap,
         keras.callbacks.ModelCheckpoint(
             str(run_dir / "best.keras"), monitor=train.monitor, mode=mode, save_best_only=True,
             initial_value_threshold=_best_so_far(run_dir / "history.csv", train.monitor, mode)),
@@ -250,6 +256,10 @@ def train(config: Config, data_path: str | None = None, run_dir: str | Path | No
     if config.train.checkpoint not in ("best", "last"):
         raise ConfigError(f"train.checkpoint={config.train.checkpoint!r}: use 'best' (the epoch with the best "
                           f"train.monitor) or 'last' (the final epoch)")
+    ema = config.train.ema
+    if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 < ema < 1):
+        raise ConfigError(f"train.ema={ema!r}: give the weight average's momentum, a number between 0 and 1 "
+                          f"(e.g. 0.99), or null for no averaging")
     run_dir = Path(run_dir or Path(config.output_dir) / config.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     _start_or_resume(run_dir, overwrite)
