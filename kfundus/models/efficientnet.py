@@ -25,6 +25,7 @@ import keras
 import numpy as np
 
 from kfundus.errors import ConfigError
+from kfundus.models.contrast import LocalContrast
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STDDEV = [0.229, 0.224, 0.225]
@@ -118,6 +119,7 @@ def build_efficientnet_b0(
     activation: str = "sigmoid",
     two_eye: bool = False,
     bn_momentum: float | None = None,
+    local_contrast: bool = False,
     name: str = "efficientnet_b0",
 ) -> keras.Model:
     """An EfficientNet-B0 classifier.
@@ -134,6 +136,10 @@ def build_efficientnet_b0(
             input ``image``.
         bn_momentum: BatchNorm momentum of the backbone (None: Keras' 0.99). A very short
             from-scratch schedule may want 0.9 so the moving statistics keep up.
+        local_contrast: put Ben Graham's local colour normalisation in front of the backbone
+            (``kfundus.models.contrast.LocalContrast``, sigma = image_size / 60), so
+            SavedModel and TFLite apply it too. Off by default: ImageNet weights expect
+            plain photographs.
 
     Example:
 
@@ -149,13 +155,14 @@ def build_efficientnet_b0(
                 layer.momentum = bn_momentum
     freeze_blocks(backbone, trainable_blocks)
     pool = keras.layers.GlobalAveragePooling2D(name="avg_pool")
+    contrast = LocalContrast(image_size / 60, name="local_contrast") if local_contrast else (lambda x: x)
     shape = (image_size, image_size, 3)
     if two_eye:
         inputs = [keras.Input(shape, name="left_image"), keras.Input(shape, name="right_image")]
-        features = keras.layers.Concatenate(name="patient_features")([pool(backbone(x)) for x in inputs])
+        features = keras.layers.Concatenate(name="patient_features")([pool(backbone(contrast(x))) for x in inputs])
     else:
         inputs = keras.Input(shape, name="image")
-        features = pool(backbone(inputs))
+        features = pool(backbone(contrast(inputs)))
     x = keras.layers.Dropout(dropout, name="head_dropout")(features) if dropout else features
     logits = keras.layers.Dense(num_outputs, name="logits", dtype="float32")(x)
     outputs = keras.layers.Activation(activation, name="probabilities", dtype="float32")(logits)
