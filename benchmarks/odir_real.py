@@ -132,7 +132,9 @@ def main(argv=None):
         cells = " | ".join(f"{r['per_class'][c]:.3f}" for c in LABELS)
         val = f"{r['val_macro_auroc']:.3f}"
         print(f"| {name} | {cells} | {r['macro_auroc']:.3f} | {val} | {r['seconds']:.0f} |")
-    (out / f"odir_real_{args.name}.json").write_text(json.dumps(results, indent=1))
+    out.mkdir(parents=True, exist_ok=True)  # --only baseline creates no run folder
+    name = args.name if args.only != "baseline" else f"baseline_seed{args.baseline_seed}"
+    (out / f"odir_real_{name}.json").write_text(json.dumps(results, indent=1))
     return 0
 
 
