@@ -12,6 +12,8 @@ per-class and macro AUROC on the held-out test patients, computed with scikit-le
   schedule with warm-up, best-validation-AUROC checkpoint), then ``evaluate.py``.
 
     python benchmarks/odir_real.py [--data ../shared/data/odir-sample] [--size 128] [--epochs 15]
+    python benchmarks/odir_real.py --only baseline --baseline-seed 1   # another baseline run
+    python benchmarks/odir_real.py --only kfundus --set train.seed=1 --set train.ema=0.99 ...
 """
 
 from __future__ import annotations
