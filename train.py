@@ -1,4 +1,4 @@
-"""Train a kfundus model: python train.py --config configs/<setup>.yaml --data <dir> [--set key=value]"""
+"""Train a kfundus model: python train.py --config <shipped config or YAML> --data <dir> [--set key=value]"""
 
 import sys
 

@@ -1,10 +1,10 @@
-"""Ablation of the dual-stream WLSRL network on imbalanced DR grades (SPECS.md section 3).
+"""Ablation of the dual-stream WLSRL network on imbalanced DR grades (Kaloi et al., iCoMET 2023).
 
-Cells, all trained by ``kfundus.training.train`` from ``configs/fundus_dual_stream_wlsr.yaml``
+Cells, all trained by ``kfundus.workflows.supervised.train`` from the shipped ``fundus_dual_stream_wlsr``
 with the same patient-level split (``data.split.seed``), schedule and image size:
 
 - ``dual + WLSRL``      the method: both streams, weighted label smoothing (per-sample weights)
-- ``dual + WLSRL class-term``  the same with SPECS.md's per-class-term weighting
+- ``dual + WLSRL class-term``  the same with the per-class-term weighting (``weight_by: class``)
 - ``dual + CE``         plain cross-entropy (``train.loss=bce``)
 - ``dual + Keras LS``   Keras' own label smoothing (``train.loss=label_smoothing``)
 - ``conv only + WLSRL`` one Conv2D stream whose width is chosen for the dual network's
@@ -36,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "fundus_dual_stream_wlsr.yaml"
+CONFIG = "fundus_dual_stream_wlsr"
 # EyePACS-like grade shares (eyepacs-sample: 557 / 47 / 108 / 23 / 15 of 750)
 IMBALANCED = (0.743, 0.063, 0.144, 0.031, 0.02)
 
@@ -44,7 +44,7 @@ IMBALANCED = (0.743, 0.063, 0.144, 0.031, 0.02)
 def matched_width(width: int, depth: int, convs: int, stream: str, image_size: int) -> tuple[int, int, int]:
     """The width of a single ``stream`` whose parameter count is closest to the dual
     network's; returns (width, its params, dual params)."""
-    from kfundus.models.dual_stream import build_dual_stream
+    from kfundus.systems.dual_stream.model import build_dual_stream
 
     def params(w, streams):
         return build_dual_stream(5, image_size=image_size, depth=depth, width=w, convs_per_block=convs,
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     from kfundus.evaluation import evaluate_run
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from kfundus.training import train
+    from kfundus.workflows.supervised import train
 
     name = "synthetic" if args.data == "synthetic" else Path(args.data).name
     out = Path(args.out or REPO / "runs" / f"ablation_{name}")

@@ -8,7 +8,7 @@ optimizer update: what ``model.fit`` runs per batch) on in-memory random data:
 
 - ``efficientnet_b0``: kfundus' EfficientNet-B0 classifier (random weights, all trainable);
 - ``clip_lora``: the CLIP ViT-B/16 vision encoder with LoRA rank 8 on query/value (only the
-  adapters and the head train), as in ``configs/odir_clip_lora_shadow.yaml``.
+  adapters and the head train), as in the shipped ``odir_clip_lora_shadow`` config.
 
 Mixed precision (``--precision mixed_bfloat16``, the default: bf16 compute, float32
 weights; no loss scaling needed) or float32. Images/s is the batch over the median step
@@ -82,8 +82,8 @@ def build(name: str, image_size: int, tiny: bool):
     """(model, loss) of a kfundus model family, random weights."""
     import keras
 
-    from kfundus.models.clip_lora import build_clip_lora
-    from kfundus.models.efficientnet import build_efficientnet_b0
+    from kfundus.systems.clip_lora.model import build_clip_lora
+    from kfundus.systems.efficientnet.model import build_efficientnet_b0
 
     if name == "efficientnet_b0":
         return build_efficientnet_b0(8, image_size=image_size), keras.losses.BinaryCrossentropy()
@@ -92,7 +92,7 @@ def build(name: str, image_size: int, tiny: bool):
 
 
 def encoder_config(tiny: bool) -> dict:
-    from kfundus.models.clip_lora import CLIP_B16
+    from kfundus.systems.clip_lora.encoders import CLIP_B16
 
     return dict(CLIP_B16, hidden_dim=64, num_layers=2, num_heads=2, intermediate_dim=128) if tiny else dict(CLIP_B16)
 

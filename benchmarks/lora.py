@@ -5,7 +5,7 @@ patch 16, hidden 768, 12 layers, 12 heads, MLP 3072; per-eye input):
 
 - trainable parameters at LoRA rank 8 on query/value as a share of the encoder (target
   < 1 %), with kfundus' default (the paper's rank-8 update of each ``hidden x hidden``
-  projection, ``kfundus.lora.LoRAEinsumDense``) and with Keras' per-head factorisation
+  projection, ``kfundus.systems.clip_lora.lora.LoRAEinsumDense``) and with Keras' per-head factorisation
   (``lora_per_head: true``, Keras' plain ``enable_lora``);
 - one training step's time (median of timed steps after a warm-up step) and the peak
   resident memory of the process, each LoRA variant vs full fine-tuning, as ratios. Each
@@ -31,9 +31,9 @@ def one_mode(mode: str, image_size: int, batch: int, steps: int) -> dict:
     import keras
     import numpy as np
 
-    from kfundus.lora import lora_parameter_count, parameter_summary
-    from kfundus.losses import ShadowLoss
-    from kfundus.models.clip_lora import build_clip_lora
+    from kfundus.systems.clip_lora.lora import lora_parameter_count, parameter_summary
+    from kfundus.systems.clip_lora.shadow_loss import ShadowLoss
+    from kfundus.systems.clip_lora.model import build_clip_lora
 
     keras.utils.set_random_seed(0)
     rank = 0 if mode == "full" else 8

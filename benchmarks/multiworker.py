@@ -8,7 +8,7 @@ The launcher starts ``--workers`` processes of this script (``--role worker``), 
 its own ``TF_CONFIG`` (TF) or ``--process-id`` (JAX) and a free localhost port for the
 coordinator, waits for them and compares their per-step losses with a one-process run on
 the same global batch. Every worker reads only its own shard of the input rows
-(``kfundus.distribute.shard_dataset``: rows ``i, i + n, ...``; the global batch of 16
+(``kfundus.engine.distribute.shard_dataset``: rows ``i, i + n, ...``; the global batch of 16
 is 8 rows from each worker), builds a tiny kfundus ViT-LoRA classifier (LayerNorm, no
 dropout) in the strategy's scope and trains it with ``model.fit``; worker 0 is the chief.
 On real hosts, run the worker command on each machine with ``TF_CONFIG`` listing all
@@ -48,7 +48,7 @@ def build(distribution="none"):
     import keras
 
     from kfundus.config import ModelConfig
-    from kfundus.models import build_model
+    from kfundus.systems import build_model
 
     keras.utils.set_random_seed(0)  # same initial weights on every worker
     model = build_model(ModelConfig(name="vit", dropout=0.0, options={"encoder_config": TINY_VIT, "lora_rank": 2}),
@@ -66,7 +66,7 @@ def tf_worker(index: int, single: bool) -> dict:
     import keras
     import tensorflow as tf
 
-    from kfundus.distribute import strategy_scope, worker_dataset
+    from kfundus.engine.distribute import strategy_scope, worker_dataset
 
     keras.config.disable_traceback_filtering()
 
@@ -104,7 +104,7 @@ def jax_worker(index: int, workers: int, port: int, single: bool) -> dict:
     import keras
     import tensorflow as tf
 
-    from kfundus.distribute import shard_dataset
+    from kfundus.engine.distribute import shard_dataset
 
     devices = jax.devices()
     if not single:

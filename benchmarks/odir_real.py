@@ -7,7 +7,7 @@ per-class and macro AUROC on the held-out test patients, computed with scikit-le
 
 - baseline: ``read_file -> decode_jpeg -> resize -> EfficientNetB0 -> BCE``, Adam at a
   constant learning rate, the last epoch's model — what a Keras tutorial does;
-- kfundus: ``python train.py --config configs/odir_efficientnet_b0.yaml`` with
+- kfundus: ``python train.py --config odir_efficientnet_b0`` with
   ``data.labels=[N, G, C]``, ``model.weights=null`` (fundus crop, augmentation, cosine
   schedule with warm-up, best-validation-AUROC checkpoint), then ``evaluate.py``.
 
@@ -36,7 +36,8 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from kfundus.config import load_config  # noqa: E402
 from kfundus.evaluation import evaluate_run  # noqa: E402
-from kfundus.training import load_manifest, make_splits, train  # noqa: E402
+from kfundus.data.readers import load_dataset  # noqa: E402
+from kfundus.workflows.supervised import make_splits, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["N", "G", "C"]
@@ -93,7 +94,7 @@ def main(argv=None):
     if args.full_decode:  # an experiment switch, not a pipeline option: its own cache folder below
         import kfundus.data.pipeline
 
-        kfundus.data.pipeline._JPEG_RATIOS = (1,)
+        kfundus.data.pipeline.JPEG_RATIOS = (1,)
     if not Path(args.data).exists():
         print(f"{args.data} is absent: this benchmark needs ../shared/data/odir-sample")
         return 2
@@ -102,8 +103,8 @@ def main(argv=None):
                  f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", "train.early_stopping=0",
                  f"output_dir={out}", f"data.cache_dir={out / ('cache-full-decode' if args.full_decode else 'cache')}",
                  *args.overrides]
-    config = load_config(REPO / "configs" / "odir_efficientnet_b0.yaml", overrides)
-    splits = make_splits(load_manifest(config, args.data), config)
+    config = load_config("odir_efficientnet_b0", overrides)
+    splits = make_splits(load_dataset(config.data, args.data), config)
     results = {}
     if args.only != "kfundus":
         start = time.time()

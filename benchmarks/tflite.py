@@ -36,17 +36,17 @@ tf.config.threading.set_inter_op_parallelism_threads(1)
 
 from kfundus.config import ModelConfig  # noqa: E402
 from kfundus.data.synthetic import make_arrays  # noqa: E402
-from kfundus.export import export_bundle  # noqa: E402
-from kfundus.tflite import QUANTIZATIONS, TFLITE_FILES, _interpreter, _quantize  # noqa: E402
-from kfundus.models import build_model  # noqa: E402
+from kfundus.deploy.saved_model import export_bundle  # noqa: E402
+from kfundus.deploy.tflite import QUANTIZATIONS, TFLITE_FILES, make_interpreter, quantize  # noqa: E402
+from kfundus.systems import build_model  # noqa: E402
 
 
 def tflite_call(path: Path, image: np.ndarray):
     """A zero-argument function running one image through the file on one thread."""
-    interpreter = _interpreter(path, num_threads=1)
+    interpreter = make_interpreter(path, num_threads=1)
     runner = interpreter.get_signature_runner("serving_default")
     detail = runner.get_input_details()["image"]
-    feed = _quantize(image, detail)
+    feed = quantize(image, detail)
     return lambda: runner(image=feed)
 
 

@@ -5,7 +5,7 @@ enough to measure a 0.01 AUROC difference.
 
 For each seed: synthetic ODIR-layout photographs (``kfundus.data.synthetic.make_odir``,
 per-eye labels N / D / G / C as in the demo, a different dataset per seed), ``kfundus
-train`` with ``configs/demo_synthetic.yaml`` at 64 px (EfficientNet-B0 from scratch), then
+train`` with the shipped ``demo_synthetic`` config at 64 px (EfficientNet-B0 from scratch), then
 ``kfundus export`` with the float32 and int8 files. Export measures every format on the
 run's validation split (``model_card.json`` -> ``accuracy_by_format``); this script reads
 the card and prints the macro AUROC of Keras, float32 TFLite and int8 TFLite.
@@ -37,7 +37,7 @@ def run_seed(seed: int, out: Path, patients: int, epochs: int) -> dict:
     data = make_odir(out / "data", n_patients=patients, size=96, seed=seed, aspect=1.3, write_masks=False)
     common = ["--set", f"output_dir={out / 'runs'}", "--set", f"data.cache_dir={out / 'cache'}",
               "--set", f"export.dir={out / 'saved_models'}"]
-    code = kfundus(["train", "--config", str(REPO / "configs" / "demo_synthetic.yaml"), "--data", str(data),
+    code = kfundus(["train", "--config", "demo_synthetic", "--data", str(data),
                     "--no-export", *common, "--set", "data.image_size=64",
                     "--set", f"train.epochs={epochs}", "--set", "data.split.val=0.4",
                     "--set", "data.split.test=0.1", "--set", f"train.seed={seed}",

@@ -1,3 +1,3 @@
 """kfundus: retinal-image deep learning with TensorFlow and Keras 3."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

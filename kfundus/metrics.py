@@ -99,7 +99,7 @@ def _check_scores(y_prob, name="y_prob") -> np.ndarray:
     return y_prob
 
 
-def _multilabel_arrays(y_true, y_prob, labels=None):
+def multilabel_arrays(y_true, y_prob, labels=None):
     """``(N, K)`` 0/1 ground truth and ``(N, K)`` float scores, validated.
 
     A 1-D ``y_prob`` is one binary column. A 1-D ``y_true`` next to a K-column
@@ -112,7 +112,7 @@ def _multilabel_arrays(y_true, y_prob, labels=None):
         raise DataError(f"y_prob must be (N, K); got shape {y_prob.shape}.")
     y_true = np.asarray(y_true)
     if y_true.ndim == 1 and y_prob.shape[1] > 1:
-        y_true = _indices_to_onehot(y_true, y_prob.shape[1])
+        y_true = indices_to_onehot(y_true, y_prob.shape[1])
     elif y_true.ndim == 1:
         y_true = y_true[:, None]
     if y_true.shape != y_prob.shape:
@@ -132,7 +132,7 @@ def _multilabel_arrays(y_true, y_prob, labels=None):
     return y_true.astype(int), y_prob
 
 
-def _indices_to_onehot(y, n_classes: int) -> np.ndarray:
+def indices_to_onehot(y, n_classes: int) -> np.ndarray:
     y = np.asarray(y)
     if y.size and (y.dtype.kind not in "biuf" or np.any(y != np.round(y))):
         raise DataError("y_true class indices must be integers 0..K-1.")
@@ -145,7 +145,7 @@ def _indices_to_onehot(y, n_classes: int) -> np.ndarray:
     return np.eye(n_classes, dtype=int)[y]
 
 
-def _class_indices(y, name="y_true") -> np.ndarray:
+def class_indices(y, name="y_true") -> np.ndarray:
     """Class indices from indices ``(N,)`` or a one-hot / probability matrix (argmax)."""
     y = np.asarray(y)
     if y.ndim == 2:
@@ -157,7 +157,7 @@ def _class_indices(y, name="y_true") -> np.ndarray:
     return y.astype(int)
 
 
-def _thresholds_vector(thresholds, n_classes: int) -> np.ndarray:
+def thresholds_vector(thresholds, n_classes: int) -> np.ndarray:
     if thresholds is None:
         return np.full(n_classes, 0.5)
     thresholds = np.asarray(thresholds, dtype=float)
@@ -176,7 +176,7 @@ def apply_thresholds(y_prob, thresholds=None) -> np.ndarray:
     y_prob = _check_scores(y_prob)
     squeeze = y_prob.ndim == 1
     y_prob = y_prob[:, None] if squeeze else y_prob
-    pred = (y_prob > _thresholds_vector(thresholds, y_prob.shape[1])).astype(int)
+    pred = (y_prob > thresholds_vector(thresholds, y_prob.shape[1])).astype(int)
     return pred[:, 0] if squeeze else pred
 
 
@@ -281,7 +281,7 @@ def quadratic_kappa(y_true, y_pred, n_classes: int | None = None) -> float:
         The kappa as a float; NaN when it is undefined (both raters use one grade only).
     """
     widths = [np.asarray(y).shape[1] for y in (y_true, y_pred) if np.ndim(y) == 2]
-    a, b = _class_indices(y_true, "y_true"), _class_indices(y_pred, "y_pred")
+    a, b = class_indices(y_true, "y_true"), class_indices(y_pred, "y_pred")
     if a.shape != b.shape:
         raise DataError(f"y_true has {a.size} samples but y_pred has {b.size}.")
     if n_classes is None:
@@ -328,7 +328,7 @@ def choose_thresholds(y_true, y_prob, method: str = "youden", fixed: float = 0.5
         raise ConfigError(
             f"threshold method {method!r} is unknown; use one of {', '.join(THRESHOLD_METHODS)}."
         )
-    y_true, y_prob = _multilabel_arrays(y_true, y_prob)
+    y_true, y_prob = multilabel_arrays(y_true, y_prob)
     out = np.full(y_prob.shape[1], float(fixed))
     if method == "fixed":
         return out
@@ -388,8 +388,8 @@ def per_class_metrics(y_true, y_prob, labels, thresholds=None) -> pd.DataFrame:
         precision without predicted positives, F1 with neither positives nor
         predicted positives.
     """
-    y_true, y_prob = _multilabel_arrays(y_true, y_prob, labels)
-    thresholds = _thresholds_vector(thresholds, y_prob.shape[1])
+    y_true, y_prob = multilabel_arrays(y_true, y_prob, labels)
+    thresholds = thresholds_vector(thresholds, y_prob.shape[1])
     pred = apply_thresholds(y_prob, thresholds)
     rows = []
     for k, label in enumerate(labels):
@@ -433,7 +433,7 @@ def multilabel_report(y_true, y_prob, labels, thresholds=None) -> dict:
         macro_sensitivity, macro_specificity, macro_f1, micro_auroc,
         n_classes_excluded, excluded_classes`` and, for ODIR, ``odir``.
     """
-    y_true, y_prob = _multilabel_arrays(y_true, y_prob, labels)
+    y_true, y_prob = multilabel_arrays(y_true, y_prob, labels)
     table = per_class_metrics(y_true, y_prob, labels, thresholds)
     valid = ((table["support"] > 0) & (table["n_negative"] > 0)).to_numpy()
     flat = y_true.ravel()
@@ -518,7 +518,7 @@ def multiclass_report(y_true, y_prob, labels, ordinal: bool = False) -> dict:
             f"y_prob must be (N, {len(labels)}) for {len(labels)} labels; got {y_prob.shape}."
         )
     k = len(labels)
-    onehot = _indices_to_onehot(_class_indices(y_true), k)
+    onehot = indices_to_onehot(class_indices(y_true), k)
     if onehot.shape[0] != y_prob.shape[0]:
         raise DataError(f"y_true has {onehot.shape[0]} samples but y_prob has {y_prob.shape[0]}.")
     y, pred = onehot.argmax(axis=1), y_prob.argmax(axis=1)

@@ -62,6 +62,5 @@ def trained(tmp_path_factory):
 
 def train_args(data, out, *extra):
     """``kfundus train`` arguments for the demo config, everything written under ``out``."""
-    config = str(REPO / "configs" / "demo_synthetic.yaml")
-    return ["train", "--config", config, "--data", str(data), "--set", f"output_dir={out / 'runs'}",
+    return ["train", "--config", "demo_synthetic", "--data", str(data), "--set", f"output_dir={out / 'runs'}",
             "--set", f"data.cache_dir={out / 'cache'}", "--set", f"export.dir={out / 'saved_models'}", *extra]

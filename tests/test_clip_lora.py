@@ -12,9 +12,10 @@ from sklearn.metrics import roc_auc_score
 
 from kfundus.data.synthetic import make_arrays, make_odir
 from kfundus.errors import ConfigError
-from kfundus.lora import load_adapters, lora_layers, lora_parameter_count, merge_lora, save_adapters
-from kfundus.losses import ShadowLoss
-from kfundus.models.clip_lora import build_clip_lora, build_vit, load_encoder
+from kfundus.systems.clip_lora.lora import load_adapters, lora_layers, lora_parameter_count, merge_lora, save_adapters
+from kfundus.systems.clip_lora.shadow_loss import ShadowLoss
+from kfundus.systems.clip_lora.model import build_clip_lora, build_vit
+from kfundus.systems.clip_lora.encoders import load_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CLIP = dict(patch_size=8, hidden_dim=48, num_layers=2, num_heads=2, intermediate_dim=96)
@@ -145,8 +146,8 @@ def test_adapters_round_trip_exactly_and_refuse_a_mismatch(trained, preset):
 
 
 def test_merged_model_equals_lora_model_and_exports(trained, tmp_path):
-    from kfundus.export import export_bundle, run_saved_model
-    from kfundus.tflite import has_flex_ops, run_tflite
+    from kfundus.deploy.saved_model import export_bundle, run_saved_model
+    from kfundus.deploy.tflite import has_flex_ops, run_tflite
 
     model, _, _, (xv, _), _ = trained
     merged = merge_lora(model)
@@ -214,7 +215,7 @@ def test_sweep_trains_evaluates_and_compares(tmp_path):
     data = make_odir(tmp_path / "data", n_patients=60, size=64, seed=4, write_masks=False)
     out = tmp_path / "sweep"
     tiny = json.dumps(TINY_CLIP).replace('"', "")
-    args = ["sweep", "--config", str(REPO / "configs" / "odir_clip_lora_shadow.yaml"), "--data", str(data),
+    args = ["sweep", "--config", "odir_clip_lora_shadow", "--data", str(data),
             "--out", str(out), "--grid", "model.options.lora_rank=2,4", "--grid", "train.loss_options.margin=0.3",
             "--set", "model.weights=null", "--set", f"model.options.encoder_config={tiny}",
             "--set", f"data.image_size={SIZE}", "--set", "train.epochs=2", "--set", "train.learning_rate=0.003",

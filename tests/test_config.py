@@ -1,28 +1,43 @@
+"""The one config schema: shipped configs by name, strict keys, value checks, no TensorFlow."""
+
+import subprocess
+import sys
+
 import pytest
 
-from kfundus.config import load_config
+from kfundus.config import load_config, shipped_configs
 from kfundus.errors import ConfigError
 
-REPO_CONFIGS = sorted(__import__("pathlib").Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+SHIPPED = sorted(shipped_configs())
 
 
-def _loader(path):
-    """Configs of commands with their own schema (pretrain, transfer) load with theirs."""
-    if path.name.startswith("retclip_pretrain"):
-        from kfundus.pretrain import load_pretrain_config
-
-        return load_pretrain_config
-    if path.name.startswith("hr_transfer"):
-        from kfundus.transfer_config import load_transfer_config
-
-        return load_transfer_config
-    return load_config
+def test_the_published_setups_ship_with_the_package():
+    assert {"odir_clip_lora_shadow", "retclip_pretrain", "fundus_dual_stream_wlsr", "oct_dual_stream_wlsr",
+            "rfmid_efficientnet_b0", "hr_transfer", "demo_synthetic"} <= set(SHIPPED)
+    for path in shipped_configs().values():  # package data, inside the installed package
+        assert path.parent.name == "configs" and path.parent.parent.name == "kfundus"
 
 
-@pytest.mark.parametrize("path", REPO_CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_loads(path):
-    config = _loader(path)(path)
-    assert config.name == path.stem
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_loads_by_name_and_by_path(name):
+    config = load_config(name)
+    assert config.name == name and config.description
+    assert load_config(shipped_configs()[name]) == config
+
+
+def test_a_config_for_another_command_says_which_to_run():
+    with pytest.raises(ConfigError, match="for `kfundus pretrain`, not `kfundus train`"):
+        load_config("retclip_pretrain", workflow="train")
+    assert load_config("retclip_pretrain", workflow="pretrain").train.learning_rate == 3e-5
+
+
+def test_workflow_defaults_sit_under_the_file(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("workflow: transfer\nname: t\ntrain: {epochs: 2}\n")
+    config = load_config(path)
+    assert config.train.epochs == 2  # the file wins
+    assert config.train.optimizer == "adamw" and config.train.class_weight == "balanced"  # transfer's defaults
+    assert load_config(None).train.optimizer == "adam"  # train's own defaults
 
 
 def test_overrides_and_types(tmp_path):
@@ -45,7 +60,10 @@ def test_unknown_key_names_file_and_valid_keys(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     message = str(err.value)
-    assert "typo.yaml" in message and "epochz" in message and "epochs" in message
+    assert "typo.yaml" in message and "train.epochz" in message and "epochs" in message
+    path.write_text("workflow: transfer\ncv: {k: 3}\n")  # a key of the old transfer schema
+    with pytest.raises(ConfigError, match="cv is now transfer.folds"):
+        load_config(path)
 
 
 def test_bad_values_are_rejected(tmp_path):
@@ -55,3 +73,34 @@ def test_bad_values_are_rejected(tmp_path):
         load_config(None, ["train.epochs"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.epochs=0", "train.epochs"), ("train.batch_size=0", "train.batch_size"),
+    ("train.batch_size=-4", "train.batch_size"), ("data.image_size=8", "data.image_size"),
+    ("data.split.val=1.2", "data.split.val"), ("data.split.test=-0.1", "data.split.test"),
+    ("train.learning_rate=0", "train.learning_rate"), ("model.dropout=1", "model.dropout"),
+    ("train.warmup_epochs=-1", "train.warmup_epochs"), ("data.augment.zoom=2", "data.augment.zoom"),
+    ("train.checkpoint=worst", "train.checkpoint"), ("transfer.folds=1", "transfer.folds"),
+    ("train.ema=1.5", "train.ema"), ("distribution=gpus", "distribution"),
+])
+def test_values_out_of_range_name_the_key_and_a_fix(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        load_config("demo_synthetic", [override])
+    assert "--set" in str(err.value) or "use one of" in str(err.value)
+
+
+def test_importing_the_config_loads_no_tensorflow():
+    code = ("import sys; from kfundus.config import load_config; load_config('odir_clip_lora_shadow'); "
+            "print(sorted(m for m in ('tensorflow', 'keras', 'keras_hub') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_configs_command_lists_every_shipped_config(capsys):
+    from kfundus.cli import main
+
+    assert main(["configs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name in SHIPPED:
+        assert any(line.startswith(name + " ") for line in lines)

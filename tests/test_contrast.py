@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from kfundus.models.contrast import LocalContrast
-from kfundus.models.efficientnet import build_efficientnet_b0
+from kfundus.systems.efficientnet.contrast import LocalContrast
+from kfundus.systems.efficientnet.model import build_efficientnet_b0
 
 
 def disk_image(size=48, radius=20, seed=0):
@@ -78,8 +78,8 @@ def test_option_exports_to_float32_and_int8_tflite(tmp_path):
     import sys
 
     from kfundus.data.synthetic import make_arrays
-    from kfundus.export import export_bundle
-    from kfundus.tflite import has_flex_ops, run_tflite, tflite_ops
+    from kfundus.deploy.saved_model import export_bundle
+    from kfundus.deploy.tflite import has_flex_ops, run_tflite, tflite_ops
 
     model = build_efficientnet_b0(2, image_size=32, local_contrast=True)
     images = make_arrays(16, size=32, labels=("D", "C"), seed=0)[0].astype("float32")
@@ -89,7 +89,7 @@ def test_option_exports_to_float32_and_int8_tflite(tmp_path):
         assert not has_flex_ops(tmp_path / name) and "DEPTHWISE_CONV_2D" in tflite_ops(tmp_path / name)
     got = run_tflite(tmp_path / "model.tflite", {"image": images})["probabilities"]
     np.testing.assert_allclose(got, np.asarray(model(images)), atol=1e-4)
-    code = ("import sys, numpy as np; from kfundus.tflite import run_tflite; "
+    code = ("import sys, numpy as np; from kfundus.deploy.tflite import run_tflite; "
             "out = run_tflite(sys.argv[1], {'image': np.load(sys.argv[2])})['probabilities']; "
             "assert out.shape == (16, 2) and np.isfinite(out).all(); print('ok')")
     np.save(tmp_path / "x.npy", images)

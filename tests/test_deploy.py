@@ -11,10 +11,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from kfundus import export
+from kfundus.deploy import saved_model as export
 from kfundus.cli import main
 from kfundus.data.pipeline import Preprocess, make_dataset, prepare
-from kfundus.tflite import TFLITE_FILES, has_flex_ops, run_tflite
+from kfundus.deploy.tflite import TFLITE_FILES, has_flex_ops, run_tflite
 from tests.test_pipeline import fundus_like, manifest_of, write
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
@@ -174,7 +174,7 @@ def test_predict_errors_name_the_fix(trained, tmp_path, capsys):
 
 
 def test_rank_agreement_matches_pandas_spearman():
-    from kfundus.bundle import rank_agreement
+    from kfundus.deploy.bundle import rank_agreement
 
     rng = np.random.default_rng(3)
     reference = rng.random((30, 3))

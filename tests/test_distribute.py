@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kfundus.distribute import (check_distribution, linear_scaled_lr, make_strategy, per_replica_batch,
+from kfundus.engine.distribute import (check_distribution, linear_scaled_lr, make_strategy, per_replica_batch,
                                 shard_dataset)
 from kfundus.errors import ConfigError
 
@@ -122,9 +122,9 @@ def _trajectory() -> dict:
     import tensorflow as tf
 
     from kfundus.config import ModelConfig
-    from kfundus.distribute import strategy_scope
+    from kfundus.engine.distribute import strategy_scope
     from kfundus.losses import make_loss
-    from kfundus.models import build_model
+    from kfundus.systems import build_model
 
     rng = np.random.default_rng(0)
     n = GLOBAL_BATCH * STEPS
@@ -160,13 +160,13 @@ def _train(tmp: str) -> dict:
 
     from kfundus.config import load_config
     from kfundus.data.synthetic import make_odir
-    from kfundus.distribute import make_strategy
-    from kfundus.training import train
+    from kfundus.engine.distribute import make_strategy
+    from kfundus.workflows.supervised import train
 
     tmp = Path(tmp)
     data = make_odir(tmp / "data", n_patients=60, size=64, seed=1, write_masks=False)
     tiny = json.dumps(TINY_VIT).replace('"', "")
-    config = load_config(REPO / "configs" / "odir_clip_lora_shadow.yaml", [
+    config = load_config("odir_clip_lora_shadow", [
         "distribution=mirrored", "model.name=vit", "model.weights=null", f"model.options.encoder_config={tiny}",
         f"data.image_size={SIZE}", "train.epochs=2", "train.batch_size=8", f"data.cache_dir={tmp / 'cache'}",
         "data.split.test=0.2", "export.formats=[]"])

@@ -12,21 +12,21 @@ import pytest
 from sklearn.metrics import cohen_kappa_score
 
 from kfundus.config import load_config
-from kfundus.data.sources import load_source
+from kfundus.data.readers import load_source
 from kfundus.data.synthetic import make_dr
 from kfundus.errors import ConfigError
 from kfundus.evaluation import evaluate_run
 from kfundus.labels import DR_GRADES
-from kfundus.losses import WeightedLabelSmoothingLoss
+from kfundus.systems.dual_stream.wlsr import WeightedLabelSmoothingLoss
 from kfundus.metrics import quadratic_kappa
-from kfundus.models import build_model
-from kfundus.models.dual_stream import build_dual_stream
-from kfundus.multitask import QuadraticWeightedKappa, dual_stream_objective, head_targets
-from kfundus.training import train
+from kfundus.systems import build_model
+from kfundus.systems.dual_stream.model import build_dual_stream
+from kfundus.systems.dual_stream.objective import QuadraticWeightedKappa, dual_stream_objective, head_targets
+from kfundus.workflows.supervised import train
 
 REPO = Path(__file__).resolve().parents[1]
-FUNDUS = REPO / "configs" / "fundus_dual_stream_wlsr.yaml"
-OCT = REPO / "configs" / "oct_dual_stream_wlsr.yaml"
+FUNDUS = "fundus_dual_stream_wlsr"
+OCT = "oct_dual_stream_wlsr"
 
 
 def test_streaming_qwk_equals_sklearn_over_batches():
@@ -148,6 +148,6 @@ def test_learns_both_fundus_tasks_from_synthetic_grades(tmp_path):
     assert "val_dr_grade_qwk" in history and "val_abnormal_auroc" in history
     # a fresh process (as `python evaluate.py --run RUN` is) loads the compiled model: the
     # QWK metric and WLSR loss it names must register when kfundus.models is imported
-    code = f"from kfundus.models import load_model; print(sorted(load_model({str(run / 'model.keras')!r}).output))"
+    code = f"from kfundus.systems import load_model; print(sorted(load_model({str(run / 'model.keras')!r}).output))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "dr_grade" in proc.stdout, proc.stderr[-2000:]

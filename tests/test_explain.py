@@ -3,7 +3,6 @@ the closed form of a GAP + linear head), mixed precision, localisation measured 
 synthetic lesion masks for a model that learned them, the randomisation sanity check,
 overlays and the command line."""
 
-import json
 import re
 
 import keras
@@ -13,7 +12,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from kfundus import explain, saliency
+from kfundus.explain import cam as explain
+from kfundus.explain import saliency
 from kfundus.data.pipeline import Preprocess, preprocess_image
 from kfundus.data.synthetic import make_odir
 from kfundus.errors import ConfigError, DataError
@@ -114,7 +114,7 @@ def test_gradcam_equals_finite_difference_reference():
 def test_gradcam_nested_efficientnet_equals_cam_closed_form():
     """kfundus EfficientNet-B0 (backbone nested as one layer). With GAP + a linear head the
     Grad-CAM weights are W[:, c] / (h*w), so the map is ReLU(A @ W[:, c]) (Zhou et al.'s CAM)."""
-    from kfundus.models.efficientnet import build_efficientnet_b0
+    from kfundus.systems.efficientnet.model import build_efficientnet_b0
 
     keras.utils.set_random_seed(1)
     model = build_efficientnet_b0(2, image_size=96)
@@ -286,27 +286,27 @@ def test_save_overlays_predicted_and_chosen(trained, tmp_path):
 
 
 def test_main_explain_with_a_run_folder(trained, tmp_path, capsys):
-    from kfundus.config import Config, save_config
+    from kfundus.cli import main
+    from kfundus.config import Config
+    from kfundus.run import RunFolder
 
-    run = tmp_path / "run"
-    run.mkdir()
-    trained["model"].save(run / "model.keras")
+    run = RunFolder(tmp_path / "run").start()
+    trained["model"].save(run.model_file)
     config = Config()
     config.data.image_size = SIZE
-    save_config(config, run / "config.yaml")
-    (run / "run.json").write_text(json.dumps({"labels": LABELS, "image_size": SIZE}))
+    run.write_config(config)
+    run.write_info({"labels": LABELS, "image_size": SIZE})
+    run.write_thresholds(LABELS, [0.5] * len(LABELS), None)
     images = tmp_path / "images"
     images.mkdir()
     for p in trained["paths"][-4:]:
         (images / p.name).write_bytes(p.read_bytes())
     out = tmp_path / "out"
-    assert explain.main_explain(["--run", str(run), "--images", str(images), "--out", str(out),
-                                 "--classes", "G,A"]) == 0
+    assert main(["explain", "--run", str(run), "--images", str(images), "--out", str(out), "--classes", "G,A"]) == 0
     printed = capsys.readouterr().out
     assert str(out) in printed and "8 Grad-CAM overlay(s) for 4 image(s)" in printed
     index = pd.read_csv(out / "overlays.csv")
     assert len(index) == 8 and sorted(set(index["label"])) == ["A", "G"]
     assert len(list(out.glob("*.png"))) == 8
-    assert explain.main_explain(["--run", str(run), "--images", str(tmp_path / "none"), "--out",
-                                 str(out)]) == 2
+    assert main(["explain", "--run", str(run), "--images", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert "--images" in capsys.readouterr().err

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kfundus import export, tflite
+from kfundus.deploy import saved_model as export
+from kfundus.deploy import tflite
 from kfundus.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
@@ -253,14 +254,14 @@ def test_bad_options_raise_before_work(tmp_path):
 
 def test_run_tflite_without_signatures_uses_tensor_names(small_bundle, monkeypatch):
     model, _, paths = small_bundle
-    real = tflite._interpreter
+    real = tflite.make_interpreter
 
     def without_signatures(path, num_threads):
         interpreter = real(path, num_threads)
         interpreter.get_signature_list = lambda: {}
         return interpreter
 
-    monkeypatch.setattr(tflite, "_interpreter", without_signatures)
+    monkeypatch.setattr(tflite, "make_interpreter", without_signatures)
     inputs = images(2, 8)
     got = tflite.run_tflite(paths["tflite"], inputs)  # "serving_default_image:0" -> "image"
     assert len(got) == 1

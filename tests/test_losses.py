@@ -45,7 +45,8 @@ def test_make_loss_choices_and_serialisation(tmp_path):
 # --- weighted label smoothing (WLSRL) -------------------------------------------------
 
 def test_wlsr_categorical_equals_hand_computation_with_a_class_absent_from_the_batch():
-    from kfundus.losses import WeightedLabelSmoothingLoss, class_weights
+    from kfundus.losses import class_weights
+    from kfundus.systems.dual_stream.wlsr import WeightedLabelSmoothingLoss
 
     # training frequencies of 4 classes: 50, 30, 15, 5 -> w_k = 100 / (4 n_k)
     weights = class_weights([50, 30, 15, 5])
@@ -73,7 +74,8 @@ def test_wlsr_categorical_equals_hand_computation_with_a_class_absent_from_the_b
 
 
 def test_wlsr_binary_equals_hand_computation():
-    from kfundus.losses import WeightedLabelSmoothingLoss, class_weights
+    from kfundus.losses import class_weights
+    from kfundus.systems.dual_stream.wlsr import WeightedLabelSmoothingLoss
 
     w0, w1 = class_weights([80, 20])  # 100 / (2 * 80), 100 / (2 * 20)
     assert (w0, w1) == pytest.approx((0.625, 2.5))
@@ -93,7 +95,8 @@ def test_wlsr_binary_equals_hand_computation():
 
 
 def test_wlsr_weights_cap_absent_class_serialisation_and_errors():
-    from kfundus.losses import WeightedLabelSmoothingLoss, class_weights
+    from kfundus.losses import class_weights
+    from kfundus.systems.dual_stream.wlsr import WeightedLabelSmoothingLoss
 
     np.testing.assert_allclose(class_weights([90, 10, 0], cap=10.0), [100 / 270, 100 / 30, 10.0], rtol=1e-6)
     np.testing.assert_allclose(class_weights([90, 10], "sqrt_inverse"), np.sqrt([100 / 180, 5.0]), rtol=1e-6)

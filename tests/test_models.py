@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from kfundus.errors import ConfigError
-from kfundus.models.efficientnet import (BACKBONE_NAME, IMAGENET_MEAN, IMAGENET_STDDEV, build_efficientnet_b0,
+from kfundus.systems.efficientnet.model import (BACKBONE_NAME, IMAGENET_MEAN, IMAGENET_STDDEV, build_efficientnet_b0,
                                          efficientnet_b0_backbone, freeze_blocks)
 
 SIZE = 32

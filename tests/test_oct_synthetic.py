@@ -12,16 +12,16 @@ from PIL import Image
 
 from kfundus.config import load_config
 from kfundus.data.pipeline import Preprocess, make_dataset, prepare
-from kfundus.data.sources import load_source
-from kfundus.data.synthetic_oct import make_oct, render_bscan
+from kfundus.data.readers import load_source
+from kfundus.data.synthetic.oct import make_oct, render_bscan
 from kfundus.evaluation import evaluate_run
-from kfundus.export import export_bundle, run_saved_model
-from kfundus.tflite import run_tflite, tflite_ops
+from kfundus.deploy.saved_model import export_bundle, run_saved_model
+from kfundus.deploy.tflite import run_tflite, tflite_ops
 from kfundus.labels import OCT_CLASSES
-from kfundus.training import train
+from kfundus.workflows.supervised import train
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "oct_dual_stream_wlsr.yaml"
+CONFIG = "oct_dual_stream_wlsr"
 
 
 def test_generator_writes_kermany_layout_read_as_greyscale_rgb(tmp_path):

@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from kfundus.data import pairs
-from kfundus.data.pipeline import Preprocess, preprocess_image
+from kfundus.data.pipeline import Preprocess, prepare, preprocess_image
+from kfundus.data.readers import pairs as readers
+from kfundus.data.manifest import Manifest
 from kfundus.errors import ConfigError, DataError
 from kfundus.text import TextPacker, make_tokenizer, save_tokenizer
 
@@ -37,10 +39,10 @@ def synth(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pairs")
     data = make_odir(root / "odir", n_patients=24, size=40, seed=3, write_masks=False)
-    table = pairs.odir_pairs(data / "annotation.csv")
-    tokenizer = make_tokenizer(corpus=table["report"].tolist(), vocabulary_size=300)
-    prepared = pairs.prepare_pairs(table, Preprocess(image_size=32), cache_dir=root / "cache", progress=False)
-    return data, table, tokenizer, prepared, root
+    manifest = readers.odir_pairs(data / "annotation.csv")
+    tokenizer = make_tokenizer(corpus=manifest.frame["text"].tolist(), vocabulary_size=300)
+    prepared = prepare(manifest, Preprocess(image_size=32), cache_dir=root / "cache", progress=False)
+    return data, manifest.frame, tokenizer, prepared, root
 
 
 def test_read_retclip(tmp_path):
@@ -49,19 +51,21 @@ def test_read_retclip(tmp_path):
              {"text_id": 11, "text": "both eyes glaucoma", "image_ids": ["p2"]}]
     _write_retclip(tmp_path, images, texts, urlsafe=True)
     with pytest.warns(UserWarning, match="p3"):  # p3 has no text
-        table = pairs.read_retclip(tmp_path, extract_dir=tmp_path / "x")
+        manifest = readers.read_retclip(tmp_path, extract_dir=tmp_path / "x")
+    table = manifest.frame
+    assert manifest.level == "patient" and manifest.labels == []
     assert table[["patient_id", "text_id"]].values.tolist() == [["p1", "10"], ["p2", "10"], ["p2", "11"]]
-    assert table["report"].iloc[2] == "both eyes glaucoma"
+    assert table["text"].iloc[2] == "both eyes glaucoma"
     for row in table.itertuples():
-        assert open(row.left, "rb").read() == images[row.patient_id][0]
-        assert open(row.right, "rb").read() == images[row.patient_id][1]
-        assert row.left.endswith(".png")
+        assert open(row.left_image, "rb").read() == images[row.patient_id][0]
+        assert open(row.right_image, "rb").read() == images[row.patient_id][1]
+        assert row.left_image.endswith(".png")
     # a second read reuses the extracted files; the tsv path works as well as the folder
     before = (tmp_path / "x" / "p1_left.png").stat().st_mtime_ns
     with pytest.warns(UserWarning):
-        again = pairs.read_retclip(tmp_path / "train_imgs.tsv", extract_dir=tmp_path / "x")
+        again = readers.read_retclip(tmp_path / "train_imgs.tsv", extract_dir=tmp_path / "x")
     assert (tmp_path / "x" / "p1_left.png").stat().st_mtime_ns == before
-    pd.testing.assert_frame_equal(again, table)
+    pd.testing.assert_frame_equal(again.frame, table)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -91,7 +95,7 @@ def test_read_retclip_errors(tmp_path, case, message):
     else:
         jsonl.write_text(json.dumps({"text_id": 1, "text": "x"}) + "\n")
     with pytest.raises(DataError, match=message):
-        pairs.read_retclip(tmp_path, extract_dir=tmp_path / "x")
+        readers.read_retclip(tmp_path, extract_dir=tmp_path / "x")
 
 
 def test_read_pairs_csv(tmp_path):
@@ -100,19 +104,19 @@ def test_read_pairs_csv(tmp_path):
     csv = tmp_path / "pairs.csv"
     csv.write_text("patient_id,left,right,report,split\na,a_l.png,a_r.png,left eye: cataract.,train\n"
                    "b,b_l.png,b_r.png,normal fundus,test\n")
-    table = pairs.load_pairs("csv", csv)
-    assert table.columns.tolist()[:5] == [*pairs.PAIR_COLUMNS, "split"]
-    assert table["left"].iloc[1] == str((tmp_path / "b_l.png").resolve())
-    assert table["report"].tolist() == ["left eye: cataract.", "normal fundus"]
+    table = readers.load_pairs("csv", csv).frame
+    assert table.columns.tolist()[:5] == [*readers.PAIR_COLUMNS, "split"]
+    assert table["left_image"].iloc[1] == str((tmp_path / "b_l.png").resolve())
+    assert table["text"].tolist() == ["left eye: cataract.", "normal fundus"]
     csv.write_text("patient_id,left,right,report\na,a_l.png,a_r.png,x\nb,b_l.png,b_r.png,\n")
     with pytest.raises(DataError, match=r"row 3 of .*pairs\.csv: empty report"):
-        pairs.read_pairs_csv(csv)
+        readers.read_pairs_csv(csv)
     csv.write_text("patient_id,left,right,report\na,a_l.png,missing.png,x\n")
     with pytest.raises(DataError, match=r"row 2: .*missing\.png"):
-        pairs.read_pairs_csv(csv)
+        readers.read_pairs_csv(csv)
     csv.write_text("patient_id,left,right,text\na,a_l.png,a_r.png,x\n")
     with pytest.raises(DataError, match=r"lacks the column\(s\) \['report'\]"):
-        pairs.read_pairs_csv(csv)
+        readers.read_pairs_csv(csv)
 
 
 def _expected_sentence(eye, cell):
@@ -121,7 +125,9 @@ def _expected_sentence(eye, cell):
 
 
 def test_odir_pairs_sample(odir_sample):
-    table = pairs.load_pairs("odir", odir_sample)
+    manifest = readers.load_pairs("odir", odir_sample)
+    assert manifest.labels == list("NDGCAHMO")  # the patient labels: splits stratify on them
+    table = manifest.frame
     raw = pd.read_csv(odir_sample / "annotation.csv", dtype=str).set_index("ID")
     assert len(table) == len(raw)
     full_width = [pid for pid in raw.index if "，" in raw.loc[pid, "Left-Diagnostic Keywords"]]
@@ -130,10 +136,10 @@ def test_odir_pairs_sample(odir_sample):
         row = table.set_index("patient_id").loc[pid]
         expected = (f"{_expected_sentence('left', raw.loc[pid, 'Left-Diagnostic Keywords'])} "
                     f"{_expected_sentence('right', raw.loc[pid, 'Right-Diagnostic Keywords'])}")
-        assert row["report"] == expected
-        assert "，" not in row["report"]
+        assert row["text"] == expected
+        assert "，" not in row["text"]
     # per-eye labels are those of the eye-level reader with keyword labels
-    from kfundus.data.sources import read_odir
+    from kfundus.data.readers import read_odir
 
     eyes = read_odir(odir_sample / "annotation.csv", level="eye").frame.set_index(["patient_id", "eye"])
     for side in ("left", "right"):
@@ -141,17 +147,17 @@ def test_odir_pairs_sample(odir_sample):
             got = table.set_index("patient_id")[f"{side}_{label}"]
             want = eyes.xs(side, level="eye")[label].reindex(got.index)
             assert (got.to_numpy() == want.to_numpy()).all()
-    with_dx = pairs.odir_pairs(odir_sample / "annotation.csv", patient_labels=True, labels=("N", "C"))
+    with_dx = readers.odir_pairs(odir_sample / "annotation.csv", patient_labels=True, labels=("N", "C")).frame
     assert "right_G" not in with_dx.columns
-    cataract = with_dx[with_dx["patient_C"] == 1]["report"]
+    cataract = with_dx[with_dx["C"] == 1]["text"]
     assert len(cataract) and cataract.str.contains("diagnosis: .*cataract").all()
 
 
 def test_synthetic_reports_follow_findings(synth):
     _, table, _, _, _ = synth
-    assert table["report"].nunique() >= 8  # the reports vary with the drawn findings
+    assert table["text"].nunique() >= 8  # the reports vary with the drawn findings
     for side in ("left", "right"):
-        sentence = table["report"].str.extract(rf"({side} eye: [^.]*\.)")[0]
+        sentence = table["text"].str.extract(rf"({side} eye: [^.]*\.)")[0]
         assert (sentence.str.contains("cataract") == (table[f"{side}_C"] == 1)).all()
         assert (sentence.str.contains("normal fundus") == (table[f"{side}_N"] == 1)).all()
     assert ((table["left_C"] != table["right_C"]) | (table["left_G"] != table["right_G"])).any()
@@ -160,7 +166,7 @@ def test_synthetic_reports_follow_findings(synth):
 def test_tokenizer_offline_and_saved(synth, tmp_path):
     _, table, tokenizer, _, _ = synth
     assert tokenizer.token_to_id("[PAD]") == 0
-    texts = table["report"].tolist()[:6] + ["left eye: xylophone retinopathy."]  # one unseen word
+    texts = table["text"].tolist()[:6] + ["left eye: xylophone retinopathy."]  # one unseen word
     folder = save_tokenizer(tokenizer, tmp_path / "tok")
     again = make_tokenizer(str(folder))
     a, b = TextPacker(tokenizer, 40)(texts), TextPacker(again, 40)(texts)
@@ -191,7 +197,7 @@ def test_packer_keeps_end_token(synth):
 
     _, table, tokenizer, _, _ = synth
     end, start = tokenizer.token_to_id("[END]"), tokenizer.token_to_id("[START]")
-    long = " ".join(table["report"].tolist()[:5])
+    long = " ".join(table["text"].tolist()[:5])
     out = TextPacker(tokenizer, 10)([long, "cataract", ""])
     ids, mask = out["token_ids"].numpy(), out["padding_mask"].numpy()
     assert ids.dtype == np.int32 and mask.dtype == bool and ids.shape == (3, 10)
@@ -224,9 +230,10 @@ def test_pair_dataset_shapes_and_flip(synth):
 
     for i in (0, 7):  # the cache holds each row's own images and report
         for side, images in (("left", left), ("right", right)):
-            direct = preprocess_image(tf.io.read_file(table[side].iloc[i]), Preprocess(image_size=32)).numpy()
+            direct = preprocess_image(tf.io.read_file(table[f"{side}_image"].iloc[i]),
+                                      Preprocess(image_size=32)).numpy()
             assert np.abs(direct - images[i]).max() <= 1.0
-        np.testing.assert_array_equal(tokens[i], packer(table["report"].iloc[i])["token_ids"].numpy())
+        np.testing.assert_array_equal(tokens[i], packer(table["text"].iloc[i])["token_ids"].numpy())
     shuffled = pairs.make_pair_dataset(prepared, packer, 8, shuffle=True, seed=1, flip=True, with_index=True)
     flipped_count = 0
     for b in shuffled.as_numpy_iterator():
@@ -237,7 +244,7 @@ def test_pair_dataset_shapes_and_flip(synth):
             else:  # mirrored AND swapped, with the report's sides swapped
                 np.testing.assert_array_equal(b["left_image"][k], right[i][:, ::-1])
                 np.testing.assert_array_equal(b["right_image"][k], left[i][:, ::-1])
-                swapped = pairs.swap_sides(table["report"].iloc[i])
+                swapped = pairs.swap_sides(table["text"].iloc[i])
                 assert swapped.startswith("right eye:")
                 np.testing.assert_array_equal(b["token_ids"][k], packer(swapped)["token_ids"].numpy())
                 flipped_count += 1
@@ -250,33 +257,33 @@ def test_unreadable_image(synth, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
     table = table.head(6).copy()
-    table.loc[2, "right"] = str(broken)
-    with pytest.raises(DataError, match=rf"patient {table['patient_id'].iloc[2]}: .*broken\.jpg"):
-        pairs.prepare_pairs(table, Preprocess(image_size=32), cache_dir=root / "cache", progress=False)
-    with pytest.warns(UserWarning, match="skipped 1 of 6"):
-        prepared = pairs.prepare_pairs(table, Preprocess(image_size=32), cache_dir=root / "cache", progress=False,
-                                       skip_unreadable=True)
-    assert len(prepared) == 5 and prepared.skipped["patient_id"].tolist() == [table["patient_id"].iloc[2]]
+    table.loc[2, "right_image"] = str(broken)
+    manifest = Manifest(table, [], "multilabel", "pairs")
+    with pytest.raises(DataError, match=r"row 2: .*broken\.jpg: corrupt"):
+        prepare(manifest, Preprocess(image_size=32), cache_dir=root / "cache", progress=False)
+    prepared = prepare(manifest, Preprocess(image_size=32), cache_dir=root / "cache", progress=False,
+                       skip_unreadable=True)
+    assert len(prepared) == 5 and prepared.skipped["row"].tolist() == [2]
     packer = TextPacker(tokenizer, 24)
     batch = next(pairs.make_pair_dataset(prepared, packer, 8, with_index=True).as_numpy_iterator())
     assert batch["index"].tolist() == list(range(5))
-    expected = packer(prepared.table["report"].tolist())["token_ids"].numpy()
+    expected = packer(prepared.manifest.frame["text"].tolist())["token_ids"].numpy()
     np.testing.assert_array_equal(batch["token_ids"], expected)
 
 
 def test_load_pairs_options(tmp_path):
-    with pytest.raises(ConfigError, match="valid sources"):
-        pairs.load_pairs("tsv", tmp_path)
+    with pytest.raises(ConfigError, match="not an image-report source"):
+        readers.load_pairs("tsv", tmp_path)
     with pytest.raises(ConfigError, match=r"\['level'\].*valid options"):
-        pairs.load_pairs("odir", tmp_path, level="eye")
+        readers.load_pairs("odir", tmp_path, level="eye")
     with pytest.raises(DataError, match="does not exist"):
-        pairs.load_pairs("retclip", tmp_path, split="val")
+        readers.load_pairs("retclip", tmp_path, split="val")
 
 
 def test_pair_dataset_augments_each_eye_and_refuses_hflip(synth):
     """Augmentation (per eye, training) keeps shapes and range and changes the pixels;
     an in-place horizontal flip is refused (it would swap laterality)."""
-    from kfundus.data.pipeline import Augment
+    from kfundus.config import Augment
 
     _, _, tokenizer, prepared, _ = synth
     packer = TextPacker(tokenizer, 24)

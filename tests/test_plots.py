@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kfundus import plots
+from kfundus.evaluation import plots
 from kfundus.errors import DataError
 from kfundus.labels import OCT_CLASSES, ODIR_LABELS
 

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from kfundus.errors import ConfigError
-from kfundus.losses import ShadowLoss
+from kfundus.systems.clip_lora.shadow_loss import ShadowLoss
 
 
 def shadow_by_hand(labels, embeddings, margin):

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from kfundus import labels as kl
-from kfundus.data import sources
+from kfundus.data import readers as sources
 from kfundus.data.splits import check_patient_disjoint
 from kfundus.errors import ConfigError, DataError
 from tests.conftest import shared_dataset

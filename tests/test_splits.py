@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from kfundus import labels as kl
-from kfundus.data import sources
+from kfundus.data import readers as sources
 from kfundus.data.manifest import Manifest
 from kfundus.data.splits import check_patient_disjoint, kfold, split_patients, to_eyes, to_patients
 from kfundus.errors import ConfigError, DataError

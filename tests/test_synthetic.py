@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFilter
 
-from kfundus.data import synthetic
+from kfundus.data.synthetic import fundus as synthetic
 from kfundus.data.synthetic import load_masks, make_arrays, make_odir, make_rfmid, render_eye
 from kfundus.errors import DataError
 from kfundus.labels import (
@@ -224,8 +224,10 @@ def test_rfmid_layout(tmp_path):
 # ---------------------------------------------------------------------------
 # Command line
 def test_cli_main(tmp_path, capsys):
-    assert synthetic.main(["--layout", "odir", "--out", str(tmp_path / "o"), "--patients", "3",
-                           "--size", "32", "--seed", "0"]) == 0
+    from kfundus.cli import main
+
+    assert main(["synth", "--layout", "odir", "--out", str(tmp_path / "o"), "--patients", "3",
+                 "--size", "32", "--seed", "0"]) == 0
     printed = capsys.readouterr().out
     assert str(tmp_path / "o") in printed and "patients per label" in printed
     assert len(pd.read_csv(tmp_path / "o" / "annotation.csv")) == 3
@@ -234,7 +236,7 @@ def test_cli_main(tmp_path, capsys):
 
 def test_cli_module_entry(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "kfundus.data.synthetic", "--layout", "rfmid", "--out",
+        [sys.executable, "-m", "kfundus", "synth", "--layout", "rfmid", "--out",
          str(tmp_path), "--images", "5", "--size", "32", "--no-masks"],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert result.returncode == 0, result.stderr

@@ -9,20 +9,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kfundus import training
 from kfundus.cli import main
 from kfundus.config import load_config
 from kfundus.data.synthetic import make_odir
-from kfundus.tflite import run_tflite
+from kfundus.deploy.tflite import run_tflite
+from kfundus.engine import training as engine_fit
+from kfundus.workflows.supervised import make_splits, train
 from tests.conftest import train_args
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = str(REPO / "configs" / "demo_synthetic.yaml")
+CONFIG = "demo_synthetic"
 
 
 def test_run_folder_and_patient_level_splits(trained):
     _, _, run, _ = trained
-    for name in ["config.yaml", "run.json", "splits.csv", "best.keras", "model.keras", "history.csv",
+    for name in ["config.yaml", "run.json", "splits.csv", "best.weights.h5", "model.keras", "history.csv",
                  "thresholds.json", "training_curves.png", "tensorboard"]:
         assert (run / name).exists(), name
     splits = pd.read_csv(run / "splits.csv", dtype={"patient_id": str})
@@ -74,12 +74,12 @@ def test_unreadable_image_is_named_then_skipped_and_training_resumes(tmp_path, m
             if epoch == 1:
                 raise RuntimeError("simulated crash after epoch 2")
 
-    original = training.make_callbacks
-    monkeypatch.setattr(training, "make_callbacks", lambda *a: original(*a) + [Interrupt()])
+    original = engine_fit.make_callbacks
+    monkeypatch.setattr(engine_fit, "make_callbacks", lambda *a, **k: original(*a, **k) + [Interrupt()])
     skip = small + ["--set", "data.skip_unreadable=true"]
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(train_args(data, tmp_path, *skip))
-    monkeypatch.setattr(training, "make_callbacks", original)
+    monkeypatch.setattr(engine_fit, "make_callbacks", original)
     assert main(train_args(data, tmp_path, *skip)) == 0
     run = tmp_path / "runs" / "demo_synthetic"
     # a finished run is not silently mixed with a new one
@@ -98,7 +98,7 @@ def test_mixed_precision_run_keeps_float32_outputs_and_restores_policy(tmp_path)
     config = load_config(CONFIG, ["train.epochs=1", "data.image_size=32", "data.labels=[N]",
                                   "train.mixed_precision=true", f"output_dir={tmp_path / 'runs'}",
                                   f"data.cache_dir={tmp_path / 'cache'}"])
-    run = training.train(config, str(data))
+    run = train(config, str(data))
     assert keras.mixed_precision.global_policy().name == "float32"  # not leaked to the caller
     model = keras.saving.load_model(run / "model.keras")
     assert model.get_layer("efficientnetb0").get_layer("stem_conv").dtype_policy.name == "mixed_float16"
@@ -111,7 +111,7 @@ def test_rfmid_official_split_and_weighted_loss(tmp_path, capsys):
     from kfundus.data.synthetic import make_rfmid
 
     data = make_rfmid(tmp_path / "rfmid", n_images=40, size=48, seed=0, write_masks=False)
-    args = ["train", "--config", str(REPO / "configs" / "rfmid_efficientnet_b0.yaml"), "--data", str(data),
+    args = ["train", "--config", "rfmid_efficientnet_b0", "--data", str(data),
             "--set", "model.weights=null", "--set", "train.mixed_precision=false", "--set", "data.image_size=32",
             "--set", "train.epochs=1", "--set", "export.formats=[]", "--set", f"output_dir={tmp_path / 'runs'}",
             "--set", f"data.cache_dir={tmp_path / 'cache'}"]
@@ -132,45 +132,47 @@ def test_rfmid_official_split_and_weighted_loss(tmp_path, capsys):
 
 @pytest.mark.parametrize("checkpoint", ["best", "last"])
 def test_checkpoint_option_picks_best_or_last_epoch(tmp_path, monkeypatch, checkpoint):
-    """``train.checkpoint``: model.keras holds the best epoch's weights (best.keras) or the
+    """``train.checkpoint``: model.keras holds the best epoch's weights (best.weights.h5) or the
     final epoch's, shown by re-scoring model.keras on validation against history.csv.
 
     The ``last`` run also averages its weights (``train.ema``; one training run for both
     options keeps the suite short): model.keras must then be the exponential moving average
     of the raw weights after each step, recomputed here in numpy, and validation must have
     scored those averaged weights (the history check above)."""
-    from kfundus.data.pipeline import make_dataset, prepare
+    from kfundus.data.pipeline import Preprocess, make_dataset, prepare
+    from kfundus.data.readers import load_dataset
 
-    make_callbacks = training.make_callbacks
+    make_callbacks = engine_fit.make_callbacks
     momentum, raw = 0.8, []
 
     class Recorder(keras.callbacks.Callback):  # the raw weights the optimizer just produced
         def on_train_batch_end(self, batch, logs=None):
             raw.append([v.numpy().copy() for v in self.model.trainable_variables])
 
-    def first_epoch_is_best(run_dir, train):  # fix the best epoch: the checkpoint only ever saves epoch 1
-        callbacks = make_callbacks(run_dir, train)
+    def first_epoch_is_best(*args, **kwargs):  # fix the best epoch: the checkpoint only ever saves epoch 1
+        callbacks = make_callbacks(*args, **kwargs)
         saver = next(c for c in callbacks if isinstance(c, keras.callbacks.ModelCheckpoint))
         saver.monitor_op = lambda current, best: False  # epoch 1 is saved (nothing to compare with), no other
         return callbacks + [Recorder()]
 
-    monkeypatch.setattr(training, "make_callbacks", first_epoch_is_best)
+    monkeypatch.setattr(engine_fit, "make_callbacks", first_epoch_is_best)
     data = make_odir(tmp_path / "data", n_patients=24, size=48, seed=3, write_masks=False)
     ema = [f"train.ema={momentum}"] if checkpoint == "last" else []
     config = load_config(CONFIG, ["train.epochs=3", "data.image_size=32", "data.labels=[N, C]",
                                   f"train.checkpoint={checkpoint}", f"output_dir={tmp_path / 'runs'}",
                                   f"data.cache_dir={tmp_path / 'cache'}", *ema])
-    run = training.train(config, str(data))
+    run = train(config, str(data))
     history = pd.read_csv(run / "history.csv")
-    splits = training.make_splits(training.load_manifest(config, str(data)), config)
-    val = make_dataset(prepare(splits["val"], training.preprocess_config(config), cache_dir=config.data.cache_dir,
+    splits = make_splits(load_dataset(config.data, str(data)), config)
+    val = make_dataset(prepare(splits["val"], Preprocess.from_config(config.data), cache_dir=config.data.cache_dir,
                                progress=False), batch_size=config.train.batch_size)
     model = keras.saving.load_model(run / "model.keras")
     loss = model.evaluate(val, verbose=0, return_dict=True)["loss"]
     epoch = 0 if checkpoint == "best" else len(history) - 1
     assert loss == pytest.approx(history["val_loss"].iloc[epoch], rel=1e-4)
     assert not np.isclose(history["val_loss"].iloc[0], history["val_loss"].iloc[-1], rtol=1e-3)  # epochs differ
-    best = keras.saving.load_model(run / "best.keras")
+    best = keras.saving.load_model(run / "model.keras")
+    best.load_weights(run / "best.weights.h5")
     same = all(np.array_equal(a, b) for a, b in zip(model.get_weights(), best.get_weights()))
     assert same == (checkpoint == "best")
     if checkpoint == "last":
@@ -181,16 +183,3 @@ def test_checkpoint_option_picks_best_or_last_epoch(tmp_path, monkeypatch, check
         for got, want in zip(model.trainable_variables, average):
             np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-6)
         assert max(np.abs(v.numpy() - w).max() for v, w in zip(model.trainable_variables, raw[-1])) > 1e-3
-
-
-def test_unknown_checkpoint_option_is_named(tmp_path):
-    config = load_config(CONFIG, ["train.checkpoint=final", f"output_dir={tmp_path / 'runs'}"])
-    with pytest.raises(training.ConfigError, match=r"train.checkpoint='final'.*'best'.*'last'"):
-        training.train(config, str(tmp_path))
-
-
-@pytest.mark.parametrize("value", [1.5, 0, 1])
-def test_bad_ema_momentum_is_named(tmp_path, value):
-    config = load_config(CONFIG, [f"train.ema={value}", f"output_dir={tmp_path / 'runs'}"])
-    with pytest.raises(training.ConfigError, match=r"train.ema=.*between 0 and 1"):
-        training.train(config, str(tmp_path))

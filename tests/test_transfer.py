@@ -11,14 +11,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from kfundus.data.hrdc import read_hrdc
-from kfundus.data.sources import load_source
-from kfundus.data.synthetic_hr import HRDC_IMAGES, HRDC_LABELS, make_hrdc
+from kfundus.data.readers.hrdc import read_hrdc
+from kfundus.data.readers import load_source
+from kfundus.data.synthetic.hr import HRDC_IMAGES, HRDC_LABELS, make_hrdc
 from kfundus.errors import ConfigError, DataError
-from kfundus.transfer import build_classifier, build_extractor, fit_linear_probe, probe_predict, run_transfer
-from kfundus.transfer_config import BackboneSpec, LPConfig, load_transfer_config
+from kfundus.workflows.transfer import build_classifier, build_extractor, fit_linear_probe, probe_predict, run_transfer
+from kfundus.config import BackboneSpec, LinearProbeConfig, load_config
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_CLIP = dict(patch_size=8, hidden_dim=32, num_layers=2, num_heads=2, intermediate_dim=64)
 SIZE = 32
 
@@ -55,19 +54,19 @@ def test_linear_probe_folds_the_scaler_into_a_dense_head():
     rng = np.random.default_rng(0)
     x = rng.normal(3.0, [0.5, 4.0, 20.0, 1.0], size=(120, 4)).astype(np.float32)
     y = (x[:, 0] + 0.1 * x[:, 2] + rng.normal(0, 1, 120) > 4.5).astype(int)
-    w, b = fit_linear_probe(x, y, LPConfig(C=0.316))
+    w, b = fit_linear_probe(x, y, LinearProbeConfig(C=0.316))
     reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.316, class_weight="balanced", max_iter=5000))
     expected = reference.fit(x, y).predict_proba(x)[:, 1]
     np.testing.assert_allclose(probe_predict(x, w, b), expected, atol=1e-5)
     # the Keras solver optimises the same objective: the same probe, up to optimisation error
-    wk, bk = fit_linear_probe(x, y, LPConfig(C=0.316, solver="keras", epochs=400, learning_rate=0.05))
+    wk, bk = fit_linear_probe(x, y, LinearProbeConfig(C=0.316, solver="keras", epochs=400, learning_rate=0.05))
     assert np.max(np.abs(probe_predict(x, wk, bk) - expected)) < 0.03
     # a classifier built with that head computes the probe on the extractor's features
     extractor = build_extractor(BackboneSpec("random", "clip", None, TINY_CLIP), SIZE, seed=1)
     images = rng.uniform(0, 255, (16, SIZE, SIZE, 3)).astype(np.float32)
     feats = extractor.predict(images, verbose=0)
     labels = (feats[:, 0] > np.median(feats[:, 0])).astype(int)
-    head = fit_linear_probe(feats, labels, LPConfig())
+    head = fit_linear_probe(feats, labels, LinearProbeConfig())
     model = build_classifier(extractor, head)
     np.testing.assert_allclose(model.predict(images, verbose=0).ravel(), probe_predict(feats, *head), atol=1e-4)
 
@@ -76,10 +75,10 @@ def test_lp_ft_and_ft_beat_lp_on_frozen_random_features(tmp_path):
     """Synthetic HR whose signal is where lesions are: a frozen random ViT's features are
     poor, fine-tuning learns it; LP-FT starts exactly at the LP solution."""
     data = make_hrdc(tmp_path / "hrdc", n_images=240, size=64, seed=0)
-    config = load_transfer_config(REPO / "configs" / "hr_transfer.yaml", [
-        "data.image_size=32", f"data.cache_dir={tmp_path / 'cache'}", "cv.k=3", "cv.val=0.2",
-        f"backbones=[{{name: random, family: clip, encoder_config: {TINY_CLIP}}}]",
-        "ft.learning_rate=0.001", "ft.epochs=20", "ft.patience=10"])
+    config = load_config("hr_transfer", [
+        "data.image_size=32", f"data.cache_dir={tmp_path / 'cache'}", "transfer.folds=3", "data.split.val=0.2",
+        f"transfer.backbones=[{{name: random, family: clip, encoder_config: {TINY_CLIP}}}]",
+        "train.learning_rate=0.001", "train.epochs=20", "train.early_stopping=10"])
     summary = run_transfer(config, data, tmp_path / "out")
     out = tmp_path / "out"
     folds = pd.read_csv(out / "folds.csv")
@@ -120,10 +119,11 @@ def test_transfer_command_with_a_retclip_preset(tmp_path):
     preset = tmp_path / "retclip_preset"
     encoder.save_to_preset(str(preset))
     data = make_hrdc(tmp_path / "hrdc", n_images=40, size=SIZE, seed=3)
-    args = ["transfer", "--config", str(REPO / "configs" / "hr_transfer.yaml"), "--data", str(data),
-            "--out", str(tmp_path / "out"), "--set", "data.image_size=32", "--set", "cv.k=2",
-            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", f"backbones=[{{name: retclip, weights: {preset}}}]",
-            "--set", "protocols=[lp, lp_ft]", "--set", "ft.epochs=1"]
+    args = ["transfer", "--config", "hr_transfer", "--data", str(data),
+            "--out", str(tmp_path / "out"), "--set", "data.image_size=32", "--set", "transfer.folds=2",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}",
+            "--set", f"transfer.backbones=[{{name: retclip, weights: {preset}}}]",
+            "--set", "transfer.protocols=[lp, lp_ft]", "--set", "train.epochs=1"]
     assert main(args) == 0
     summary = pd.read_csv(tmp_path / "out" / "summary.csv")
     assert summary["backbone"].tolist() == ["retclip", "retclip"]
@@ -131,13 +131,13 @@ def test_transfer_command_with_a_retclip_preset(tmp_path):
     cached = list((tmp_path / "cache" / "features").glob("retclip-*.npz"))
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
-    assert main(args + ["--overwrite", "--set", "protocols=[lp]"]) == 0  # features come from the cache
+    assert main(args + ["--overwrite", "--set", "transfer.protocols=[lp]"]) == 0  # features come from the cache
     assert cached[0].stat().st_mtime_ns == stamp
     with np.load(cached[0]) as z:
         assert z["features"].shape == (40, TINY_CLIP["hidden_dim"])
     # configuration errors name the key
-    assert main(args + ["--set", "cv.folds=3"]) == 2
+    assert main(args + ["--set", "transfer.k=3"]) == 2
     with pytest.raises(ConfigError, match="retclip needs weights"):
-        load_transfer_config(REPO / "configs" / "hr_transfer.yaml", ["backbones=[{name: retclip}]"])
+        load_config("hr_transfer", ["transfer.backbones=[{name: retclip}]"])
     with pytest.raises(ConfigError, match="protocols"):
-        load_transfer_config(REPO / "configs" / "hr_transfer.yaml", ["protocols=[lp, probe]"])
+        load_config("hr_transfer", ["transfer.protocols=[lp, probe]"])

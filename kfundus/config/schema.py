@@ -1,27 +1,60 @@
-"""Experiment configuration: dataclasses read from YAML, overridable from the command line.
+"""The one configuration schema: dataclasses every workflow reads.
 
-Every published setup is a YAML file in ``configs/``; ``--set train.epochs=3`` changes one
-value. Unknown keys are errors that name the file and list the valid keys, so a typo never
-silently falls back to a default.
+A config has shared sections, ``data``, ``model``, ``train`` and ``export``, that
+supervised training (``kfundus train``), RET-CLIP pre-training (``kfundus pretrain``) and
+the transfer study (``kfundus transfer``) all read, plus the sections only one workflow
+reads: ``text`` and ``zero_shot`` (pre-training), ``transfer`` (the transfer study). The
+top-level ``workflow`` key says which command a config is for.
+
+This module is plain Python (no TensorFlow): reading and checking a config is instant.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import typing
-from pathlib import Path
-from typing import Any
 
-import yaml
+WORKFLOWS = ("train", "pretrain", "transfer")
+DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
 
-from kfundus.data.pipeline import Augment
-from kfundus.errors import ConfigError
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Random augmentations, applied per image after the cache (training only).
+
+    Horizontal flip is off by default: it turns a left eye into a right eye, which
+    matters for laterality-aware models (RET-CLIP, two-eye models). Rotation fills with
+    black, which matches the fundus background.
+
+    Args:
+        rotation: maximum rotation in degrees (0 disables).
+        hflip, vflip: random horizontal / vertical flips.
+        zoom: maximum relative scale change (0.1 = 90 % to 110 %).
+        brightness: shift by up to this fraction of the value range.
+        contrast: multiply contrast by a factor in [1 - c, 1 + c].
+        saturation: multiply saturation by a factor in [1 - s, 1 + s].
+        hue: rotate hue by up to this fraction of half the colour circle.
+
+    A value of 0 (or false) disables that augmentation.
+    """
+
+    rotation: float = 0.0
+    hflip: bool = False
+    vflip: bool = False
+    zoom: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+
+    def enabled(self) -> bool:
+        return any(dataclasses.asdict(self).values())
 
 
 @dataclasses.dataclass
 class SplitConfig:
     """Patient-level split: fractions of patients for validation and test, and the seed.
-    A source's official split (RFMiD, Kermany) is used when ``official`` is true."""
+    A source's official split (RFMiD, Kermany) is used when ``official`` is true. The
+    transfer study splits each cross-validation fold's training patients with ``val``."""
 
     val: float = 0.15
     test: float = 0.15
@@ -33,9 +66,12 @@ class SplitConfig:
 class DataConfig:
     """Where the data is and how it becomes model input.
 
-    ``source`` names a reader of ``kfundus.data.sources`` (odir, odir_kaggle, rfmid, dr,
-    folders, csv); ``options`` are passed to it. ``labels`` keeps a subset of the label
-    columns (e.g. ODIR per-eye N, G, C); ``drop_empty`` drops rows with none of them.
+    ``source`` names a reader (``kfundus configs`` and the docs list them: odir,
+    odir_kaggle, rfmid, dr, folders, csv, hrdc; for ``pretrain`` the image-report readers
+    odir, csv, retclip); ``options`` are passed to it. ``labels`` keeps a subset of the
+    label columns (e.g. ODIR per-eye N, G, C; the transfer study takes exactly one);
+    ``drop_empty`` drops rows with none of them. ``flip`` (pre-training only) mirrors both
+    eyes of a pair and swaps them, with the report's sides.
     """
 
     source: str = "odir"
@@ -47,16 +83,18 @@ class DataConfig:
     crop_fundus: bool = True
     cache_dir: str | None = None
     skip_unreadable: bool = False
+    flip: bool = False
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
     augment: Augment = dataclasses.field(default_factory=Augment)
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Which model builder and its options (see ``kfundus.models.build_model``).
+    """Which system's model builder, and its options (``kfundus.systems.build_model``).
 
-    ``options`` holds the family's own keyword arguments (e.g. a dual-stream network's
-    depth and width, a CLIP encoder's LoRA rank); the builder rejects unknown ones."""
+    ``options`` holds the family's own keyword arguments (a dual-stream network's depth
+    and width, a CLIP encoder's LoRA rank, RET-CLIP's text encoder); the builder rejects
+    unknown ones. ``weights`` names pretrained weights (a preset, a local file or folder)."""
 
     name: str = "efficientnet_b0"
     weights: str | None = None
@@ -68,25 +106,30 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Optimisation. ``schedule``: cosine (with ``warmup_epochs``) or constant.
-    ``monitor`` is the validation metric that picks the best checkpoint and drives early
-    stopping (``early_stopping`` = patience in epochs, 0 = off). ``checkpoint``: which
-    weights become ``model.keras``: ``best`` (the epoch with the best ``monitor``) or
-    ``last`` (the final epoch; for validation sets too small to pick an epoch on). ``loss``: bce,
-    weighted_bce (positive weights n_neg/n_pos from the training split, capped at
-    ``pos_weight_cap``) or focal (``focal_gamma``); see ``kfundus.losses``.
-    ``beta_2``: Adam/AdamW second-moment decay (CLIP-style pre-training uses 0.98).
-    ``ema``: momentum of an exponential moving average of the weights (Polyak averaging,
-    the Keras optimizer's ``use_ema``), e.g. 0.99; validation, checkpoints and the final
-    model then use the averaged weights. ``null``: off.
-    ``loss_options``: parameters of a model family's own loss (read by its objective in
-    ``kfundus.models.OBJECTIVES``, which rejects unknown ones)."""
+    """Optimisation, read by the one engine (``kfundus.engine.fit``).
+
+    ``schedule``: cosine (with ``warmup_epochs``) or constant. ``monitor`` is the
+    validation metric that picks the best checkpoint and drives early stopping
+    (``early_stopping`` = patience in epochs, 0 = off). ``checkpoint``: which weights
+    become ``model.keras``: ``best`` (the epoch with the best ``monitor``) or ``last``.
+    ``loss``: bce, weighted_bce (positive weights n_neg/n_pos from the training split,
+    capped at ``pos_weight_cap``) or focal (``focal_gamma``); a system may define its own
+    (dual_stream: wlsr, label_smoothing). ``loss_options``: parameters of a system's own
+    loss. ``class_weight``: ``balanced`` weighs each class by n / (2 n_class) (binary
+    tasks; the transfer study's fine-tuning), null: none. ``beta_2``: Adam/AdamW
+    second-moment decay. ``ema``: momentum of an exponential moving average of the
+    weights (Polyak averaging), e.g. 0.99; validation, checkpoints and the final model
+    then use the averaged weights. ``seed`` seeds initialisation, shuffling and
+    augmentation; ``deterministic`` switches on TensorFlow's op determinism while training, so
+    the same config and seed give the same weights on the same machine (off: a little faster,
+    not repeatable). ``steps_per_epoch``: null = one pass over the data."""
 
     epochs: int = 20
     loss: str = "bce"
     loss_options: dict = dataclasses.field(default_factory=dict)
     pos_weight_cap: float = 50.0
     focal_gamma: float = 2.0
+    class_weight: str | None = None
     batch_size: int = 16
     optimizer: str = "adam"
     learning_rate: float = 1e-3
@@ -100,14 +143,14 @@ class TrainConfig:
     checkpoint: str = "best"
     ema: float | None = None
     seed: int = 0
+    deterministic: bool = True
     steps_per_epoch: int | None = None
 
 
 @dataclasses.dataclass
 class ExportConfig:
-    """Formats written to ``saved_models/<run>/`` after training, and the TFLite variants
-    (float32, float16, dynamic_int8, int8; see ``kfundus.export``). int8 is calibrated on
-    training images, so it needs the training data at export time."""
+    """Formats written to ``<dir>/<run>/`` after training, and the TFLite variants
+    (float32, float16, dynamic_int8, int8). int8 is calibrated on training images."""
 
     formats: list = dataclasses.field(default_factory=lambda: ["keras", "saved_model", "tflite"])
     tflite: list = dataclasses.field(default_factory=lambda: ["float32", "float16", "dynamic_int8", "int8"])
@@ -115,115 +158,131 @@ class ExportConfig:
 
 
 @dataclasses.dataclass
-class Config:
-    """``distribution``: none | mirrored | multi_worker, the data-parallel strategy the run
-    builds its model in (``kfundus.distribute``; ``train.batch_size`` is the global batch)."""
+class TextConfig:
+    """Report text (pre-training). ``tokenizer``: null / "wordpiece" (a vocabulary built
+    offline from the training reports), a keras-hub preset name, or a local tokenizer
+    preset folder."""
 
+    tokenizer: str | None = None
+    vocabulary_size: int = 2000
+    sequence_length: int = 77
+    lowercase: bool = True
+
+
+@dataclasses.dataclass
+class ZeroShotConfig:
+    """Per-eye zero-shot classes (pre-training evaluation): ``prompts`` maps a class to
+    prompt templates (``{eye}`` becomes left / right; several templates are averaged);
+    ``labels`` maps the class to the per-eye label column of the pairs table (``N`` reads
+    ``left_N`` / ``right_N``)."""
+
+    prompts: dict = dataclasses.field(default_factory=dict)
+    labels: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class BackboneSpec:
+    """One backbone of the transfer study.
+
+    ``name`` labels it in the table; ``family`` (efficientnet_b0, clip, vit) is implied by
+    the names efficientnet_b0, clip, retclip and vit. ``weights``: ``imagenet`` or a local
+    ``efficientnetb0_notop.h5`` (EfficientNet-B0); a keras-hub preset name or local preset
+    folder (clip, vit); null: random initialisation (seeded, the same start in every fold
+    and protocol). ``encoder_config``: keras-hub encoder sizes for a random clip/vit."""
+
+    name: str = "random"
+    family: str | None = None
+    weights: str | None = None
+    encoder_config: dict = dataclasses.field(default_factory=dict)
+
+
+BACKBONE_FAMILIES = ("efficientnet_b0", "clip", "vit")
+NAME_FAMILY = {"efficientnet_b0": "efficientnet_b0", "clip": "clip", "retclip": "clip", "vit": "vit"}
+
+
+def backbone_family(spec: BackboneSpec) -> str | None:
+    """The family a backbone spec names or implies (None when it does neither)."""
+    family = spec.family or NAME_FAMILY.get(spec.name)
+    return family if family in BACKBONE_FAMILIES else None
+
+
+@dataclasses.dataclass
+class LinearProbeConfig:
+    """Linear probing on frozen features. ``solver: sklearn``: logistic regression (lbfgs)
+    on standardised features, ``class_weight="balanced"``, inverse regularisation ``C``;
+    ``solver: keras``: a Dense unit trained by the engine on the same standardised
+    features with the same objective (L2 = 1 / (2 C n), balanced weights), full batch,
+    Adam at ``learning_rate`` for ``epochs`` steps. Either way the scaler is folded into
+    the weights."""
+
+    solver: str = "sklearn"
+    C: float = 0.316
+    max_iter: int = 5000
+    epochs: int = 300
+    learning_rate: float = 0.01
+
+
+@dataclasses.dataclass
+class TransferConfig:
+    """The transfer study (``kfundus transfer``): ``backbones`` x ``protocols`` (lp, ft,
+    lp_ft) x ``folds`` (patient-level, stratified). Fine-tuning (FT and LP-FT's second
+    stage) is trained as the ``train`` section says; LP as ``linear_probe`` says.
+    Decisions at probability ``threshold``."""
+
+    folds: int = 5
+    backbones: list = dataclasses.field(default_factory=lambda: [{"name": "random", "family": "efficientnet_b0"}])
+    protocols: list = dataclasses.field(default_factory=lambda: ["lp", "ft", "lp_ft"])
+    linear_probe: LinearProbeConfig = dataclasses.field(default_factory=LinearProbeConfig)
+    threshold: float = 0.5
+    feature_batch_size: int = 64
+
+
+@dataclasses.dataclass
+class Config:
+    """The root of every config file.
+
+    ``workflow``: the command the config is for (train, pretrain, transfer).
+    ``description``: one line, shown by ``kfundus configs``. ``distribution``: none |
+    mirrored | multi_worker, the data-parallel strategy (``train.batch_size`` is the global
+    batch)."""
+
+    workflow: str = "train"
     name: str = "run"
+    description: str = ""
     output_dir: str = "runs"
     distribution: str = "none"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    zero_shot: ZeroShotConfig = dataclasses.field(default_factory=ZeroShotConfig)
+    transfer: TransferConfig = dataclasses.field(default_factory=TransferConfig)
 
 
-def _build(cls, values: Any, where: str):
-    """Build dataclass ``cls`` from a mapping, recursively, rejecting unknown keys."""
-    if values is None:
-        return cls()
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
-    kwargs = {}
-    for key, value in values.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{where}.{key}")
-        else:
-            kwargs[key] = _coerce(value, hint, f"{where}.{key}")
-    return cls(**kwargs)
+# Defaults that differ by workflow, merged under what a config file says.
+RETCLIP_TRAIN = {"optimizer": "adamw", "learning_rate": 3e-5, "weight_decay": 1e-3, "beta_2": 0.98,
+                 "epochs": 10, "batch_size": 256, "warmup_epochs": 1.0, "monitor": "val_loss"}
+TRANSFER_TRAIN = {"optimizer": "adamw", "learning_rate": 1e-4, "weight_decay": 0.01, "epochs": 30,
+                  "early_stopping": 5, "batch_size": 16, "schedule": "constant", "monitor": "val_auroc",
+                  "class_weight": "balanced"}
+WORKFLOW_DEFAULTS = {
+    "train": {},
+    "pretrain": {"model": {"name": "retclip"}, "train": RETCLIP_TRAIN, "data": {"split": {"val": 0.1, "test": 0.1}}},
+    "transfer": {"train": TRANSFER_TRAIN, "data": {"source": "hrdc"}},
+}
 
-
-def _coerce(value, hint, where):
-    """Check a scalar against its annotation (int accepted for float; None where Optional)."""
-    args = typing.get_args(hint)
-    allowed = args if args else (hint,)
-    if value is None:
-        if type(None) in allowed:
-            return None
-        raise ConfigError(f"{where}: a value is required (null given)")
-    for t in allowed:
-        t = typing.get_origin(t) or t
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if t is float and isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if t is int and isinstance(value, bool):
-            continue
-        if isinstance(t, type) and isinstance(value, t):
-            return value
-    names = [getattr(t, "__name__", str(t)) for t in allowed]
-    raise ConfigError(f"{where}: expected {' or '.join(names)}, got {value!r}")
-
-
-def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
-    """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested dict."""
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.epochs=3")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part} is not a section")
-        node[parts[-1]] = value
-    return data
-
-
-def read_yaml(path: str | Path | None, overrides: list[str] | None = None,
-              hint: str = "the published setups are in configs/") -> tuple[dict, str]:
-    """(the YAML mapping with ``--set`` overrides applied, where it came from) for any
-    command's config (``hint`` completes the not-found message)."""
-    data: dict = {}
-    where = "config"
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} not found; {hint}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
-        where = str(path)
-    return apply_overrides(data, overrides), where
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from defaults) and apply ``--set`` overrides."""
-    from kfundus.distribute import check_distribution
-
-    data, where = read_yaml(path, overrides)
-    config = _build(Config, data, where)
-    check_distribution(config.distribution, f"{where}: distribution")
-    return config
-
-
-def config_to_dict(config: Config) -> dict:
-    return dataclasses.asdict(config)
-
-
-def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+# Keys of the three configuration roots kfundus had before version 0.2, and where they went.
+MOVED_KEYS = {
+    "cv.k": "transfer.folds", "cv.seed": "data.split.seed", "cv.val": "data.split.val", "cv": "transfer.folds",
+    "data.label": "data.labels (a list of one)", "backbones": "transfer.backbones",
+    "protocols": "transfer.protocols", "lp": "transfer.linear_probe", "threshold": "transfer.threshold",
+    "feature_batch_size": "transfer.feature_batch_size", "ft": "train (optimizer adamw, early_stopping, ...)",
+    "ft.learning_rate": "train.learning_rate", "ft.weight_decay": "train.weight_decay",
+    "ft.epochs": "train.epochs", "ft.patience": "train.early_stopping", "ft.batch_size": "train.batch_size",
+    "ft.balanced": "train.class_weight=balanced", "data.val": "data.split.val", "data.test": "data.split.test",
+    "data.seed": "data.split.seed", "model.vision_weights": "model.weights",
+    "model.vision_config": "model.options.vision_config", "model.text_weights": "model.options.text_weights",
+    "model.text_config": "model.options.text_config", "model.embed_dim": "model.options.embed_dim",
+    "model.text_head_dim": "model.options.text_head_dim",
+}

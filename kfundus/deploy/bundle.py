@@ -1,7 +1,7 @@
 """A trained run -> a deployable model bundle in ``saved_models/<run>/``.
 
 ``kfundus export --run runs/NAME`` (and ``train`` after training) writes the bundle of
-``kfundus.export`` plus what a deployment needs to use it without the run folder:
+``kfundus.deploy.saved_model`` plus what a deployment needs to use it without the run folder:
 ``model_card.json`` gains the labels, the decision thresholds chosen on validation, the
 preprocessing, the input size, the metrics on validation and test (from the run's
 ``eval-val`` / ``eval-test`` reports when they exist), a data summary, and, per format,
@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from kfundus.deploy.saved_model import CALIBRATION_SAMPLES, export_bundle
+from kfundus.deploy.tflite import run_tflite
 from kfundus.errors import ConfigError, DataError
-from kfundus.export import CALIBRATION_SAMPLES, export_bundle
-from kfundus.tflite import run_tflite
-from kfundus.models import load_model
+from kfundus.run import RunFolder
+from kfundus.systems import load_model
 
 CARD = "model_card.json"
 HEADLINE = ("macro_auroc", "macro_ap", "macro_f1", "macro_sensitivity", "macro_specificity", "micro_auroc",
@@ -42,18 +43,16 @@ def headline(metrics: dict) -> dict:
     return out
 
 
-def _split(config, run_dir: Path, data_path, split: str):
-    """The run's ``split`` of its dataset, prepared (cached), or None with the reason."""
-    from kfundus.data.pipeline import prepare
-    from kfundus.evaluation import select_rows
-    from kfundus.training import load_manifest, preprocess_config
+def _split(config, run: RunFolder, data_path, split: str):
+    """The run's ``split``, from its ``splits.csv``, prepared (cached), or None with the
+    reason. ``data_path``: the dataset's new place, when it moved since training."""
+    from kfundus.data.pipeline import Preprocess, prepare
 
     try:
-        manifest = load_manifest(config, data_path)
-        manifest, _ = select_rows(manifest, run_dir, split)
+        manifest = run.split_manifest(split, data_root=data_path)
         if len(manifest) == 0:
             return None, f"the run's {split} split is empty"
-        return prepare(manifest, preprocess_config(config), cache_dir=config.data.cache_dir,
+        return prepare(manifest, Preprocess.from_config(config.data), cache_dir=config.data.cache_dir,
                        skip_unreadable=True, progress=False), None
     except (DataError, ConfigError, FileNotFoundError) as err:
         return None, f"{type(err).__name__}: {err}"
@@ -93,7 +92,7 @@ def format_accuracy(paths: dict, model, prepared, info: dict, primary: str | Non
     """Per format (Keras and each TFLite file), the validation metrics of the primary output."""
     from kfundus.labels import DR_GRADES
     from kfundus.metrics import evaluate_predictions
-    from kfundus.training import primary_output
+    from kfundus.objectives import primary_output
 
     inputs = _arrays(prepared)
     y_true = prepared.manifest.targets()
@@ -120,47 +119,43 @@ def format_accuracy(paths: dict, model, prepared, info: dict, primary: str | Non
 
 
 def export_run(run_dir, out_dir=None, *, data_path=None) -> Path:
-    """Export a run's model into ``saved_models/<run name>/`` (or ``out_dir``) with its card."""
+    """Export a finished run's model into ``<export.dir>/<run name>/`` (or ``out_dir``) with
+    its card. Everything comes from the run folder; ``data_path`` is the dataset's folder
+    when it moved since training (int8 calibration and accuracy per format read images)."""
     from kfundus import __version__
-    from kfundus.config import load_config
-    from kfundus.training import preprocess_config
+    from kfundus.data.pipeline import Preprocess
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "model.keras").exists():
-        raise ConfigError(f"{run_dir} has no model.keras: give the folder a finished `train` run wrote")
-    config = load_config(run_dir / "config.yaml")
-    info = json.loads((run_dir / "run.json").read_text())
-    thresholds = json.loads((run_dir / "thresholds.json").read_text())
-    out_dir = Path(out_dir or Path(config.export.dir) / run_dir.name)
-    model = load_model(run_dir / "model.keras")
-    preprocess = preprocess_config(config)
+    run = RunFolder(run_dir).require_finished("export")
+    config = run.read_config()
+    info = run.read_info()
+    thresholds = run.read_thresholds()
+    out_dir = Path(out_dir or Path(config.export.dir) / run.name)
+    model = load_model(run.model_file)
+    preprocess = Preprocess.from_config(config.data)
     variants = list(config.export.tflite) if "tflite" in config.export.formats else []
 
     calibration, val, notes = None, None, {}
     if "int8" in variants:
-        train, reason = _split(config, run_dir, data_path, "train")
+        train, reason = _split(config, run, data_path, "train")
         if train is None:
             raise ConfigError(
                 f"the int8 TFLite file is calibrated on the run's training images, which could not be "
-                f"read ({reason}). Pass --data DIR, or leave int8 out: --set export.tflite=[float32,float16,"
-                f"dynamic_int8] when training, or edit {run_dir / 'config.yaml'}")
+                f"read ({reason}). Pass --data DIR (where the dataset is now), or leave int8 out: "
+                f"--set 'export.tflite=[float32, float16, dynamic_int8]' when training")
         calibration = _arrays(train, CALIBRATION_SAMPLES, seed=config.train.seed)
     if variants:
-        val, reason = _split(config, run_dir, data_path, "val")
+        val, reason = _split(config, run, data_path, "val")
         if val is None:
             notes["accuracy_by_format"] = f"not measured: validation images unavailable ({reason})"
-    samples = None
-    if (run_dir / "samples.npz").exists():
-        with np.load(run_dir / "samples.npz") as data:
-            samples = {k: data[k].astype("float32") for k in data.files}
+    samples = run.read_samples()
     evaluated = {}
     for split, key in (("val", "validation"), ("test", "test")):
-        path = run_dir / f"eval-{split}" / "metrics.json"
-        evaluated[key] = headline(json.loads(path.read_text())) if path.exists() else None
+        metrics = run.eval_metrics(split)
+        evaluated[key] = headline(metrics) if metrics else None
     if evaluated["test"] is None:
-        notes["metrics.test"] = f"not evaluated yet: run `kfundus evaluate --run {run_dir}`, then export again"
+        notes["metrics.test"] = f"not evaluated yet: run `kfundus evaluate --run {run}`, then export again"
     card = {
-        "name": run_dir.name,
+        "name": run.name,
         "task": info["task"],
         "level": info["level"],
         "primary_output": thresholds.get("primary_output"),
@@ -176,7 +171,7 @@ def export_run(run_dir, out_dir=None, *, data_path=None) -> Path:
         "metrics": evaluated,
         "data": {"source": info.get("source"), "path": info.get("data_path"), "counts": info.get("counts"),
                  "skipped": info.get("skipped")},
-        "training": {"config": config.name, "run": str(run_dir), "model": config.model.name,
+        "training": {"config": config.name, "run": str(run), "model": config.model.name,
                      "epochs": config.train.epochs, "image_size": config.data.image_size},
         "notes": notes,
         "kfundus_version": __version__,

@@ -25,17 +25,14 @@ bundle's ``.tflite`` files, with ``ai_edge_litert``'s interpreter when installed
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from kfundus.errors import ConfigError, DataError, KfundusError
-from kfundus.models import load_model
+from kfundus.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 BACKENDS = ("keras", "saved_model", "tflite")
@@ -56,7 +53,7 @@ def list_images(spec, inputs: list[str]) -> pd.DataFrame:
         files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         where = f"folder {spec}"
     else:
-        files = sorted(f for f in glob.glob(str(spec)) if Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(f for f in glob.glob(str(spec), recursive=True) if Path(f).suffix.lower() in IMAGE_EXTENSIONS)
         where = f"pattern {spec!r}"
     if not files:
         raise DataError(f"--images {where}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
@@ -142,6 +139,8 @@ class _Preprocessor:
 
 
 def _keras_runner(bundle: Path, inputs: list[str]):
+    from kfundus.systems import load_model
+
     model = load_model(bundle / "model.keras")
 
     def run(batch: dict) -> dict:
@@ -154,7 +153,7 @@ def _keras_runner(bundle: Path, inputs: list[str]):
 
 
 def _tflite_file(bundle: Path, card: dict, choice: str | None) -> Path:
-    from kfundus.tflite import TFLITE_FILES
+    from kfundus.deploy.tflite import TFLITE_FILES
 
     choice = choice or "float32"
     if choice in TFLITE_FILES:
@@ -169,7 +168,7 @@ def _tflite_file(bundle: Path, card: dict, choice: str | None) -> Path:
 
 
 def _tflite_runner(path: Path):
-    from kfundus.tflite import run_tflite
+    from kfundus.deploy.tflite import run_tflite
 
     return lambda batch: run_tflite(path, batch)
 
@@ -193,7 +192,7 @@ def predict_images(bundle, images, *, backend: str = "keras", tflite: str | None
     """
     from tqdm.auto import tqdm
 
-    from kfundus.bundle import read_card
+    from kfundus.deploy.bundle import read_card
     from kfundus.data.pipeline import Preprocess
 
     if backend not in BACKENDS:
@@ -320,26 +319,3 @@ def _table(table: pd.DataFrame, status, values: dict, card: dict) -> pd.DataFram
             for k in range(width):
                 result[f"{name}_{names[k] if names else k}"] = matrix[:, k]
     return result
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kfundus predict", description=__doc__.split("\n")[0])
-    parser.add_argument("--bundle", required=True, help="a folder written by kfundus export (saved_models/NAME)")
-    parser.add_argument("--images", required=True, help="a folder, a glob pattern (quoted) or a CSV of paths")
-    parser.add_argument("--format", default="keras", choices=BACKENDS, help="which model of the bundle runs")
-    parser.add_argument("--tflite", help="with --format tflite: float32 (default), float16, dynamic_int8, int8, "
-                                         "or a .tflite file")
-    parser.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    args = parser.parse_args(argv)
-    try:
-        predict_images(args.bundle, args.images, backend=args.format, tflite=args.tflite,
-                       batch_size=args.batch_size, out=args.out, progress=sys.stderr.isatty())
-    except KfundusError as exc:
-        print(f"kfundus predict: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

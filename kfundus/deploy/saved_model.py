@@ -40,11 +40,11 @@ Choices:
   written, so both take and return float32 and TFLite sees no float16 arithmetic. The
   ``.keras`` file keeps the model as trained. Parity is measured against the float32
   rebuild; its distance to the mixed-precision model is recorded separately.
-- TFLite files are converted, run and inspected by ``kfundus.tflite`` (a fresh Python
+- TFLite files are converted, run and inspected by ``kfundus.deploy.tflite`` (a fresh Python
   process per conversion; builtin ops only).
 - Parity: the SavedModel and float32 TFLite must match Keras within ``atol``; the
   quantized variants are not expected to, so their distance is recorded, and their
-  accuracy is measured where labels exist (``kfundus.bundle``: AUROC on validation).
+  accuracy is measured where labels exist (``kfundus.deploy.bundle``: AUROC on validation).
 """
 
 from __future__ import annotations
@@ -62,11 +62,11 @@ import numpy as np
 import tensorflow as tf
 
 from kfundus.errors import ConfigError, ExportError
-from kfundus.tflite import (_OPS_DOC, QUANTIZATIONS, SIGNATURE_KEY, TFLITE_FILES, _check_quantization,
-                            _named_inputs, convert_tflite, run_tflite, tflite_ops)
+from kfundus.deploy.signatures import SIGNATURE_KEY, TENSOR_SIGNATURE_KEY, named_inputs
+from kfundus.deploy.tflite import (OPS_DOC, QUANTIZATIONS, TFLITE_FILES, check_quantization, convert_tflite,
+                                   run_tflite, tflite_ops)
 
 FORMATS = ("keras", "saved_model", "tflite")
-TENSOR_SIGNATURE_KEY = "serving_preprocessed"
 CALIBRATION_SAMPLES = 128
 PARITY_ATOL = 1e-4
 
@@ -270,7 +270,7 @@ def run_saved_model(path, inputs, signature: str = TENSOR_SIGNATURE_KEY) -> dict
         signature = SIGNATURE_KEY
     fn = signatures[signature]
     specs = fn.structured_input_signature[1]
-    feed = _named_inputs(inputs, list(specs), source=path)
+    feed = named_inputs(inputs, list(specs), source=path)
     outputs = fn(**{k: tf.constant(v, dtype=specs[k].dtype) for k, v in feed.items()})
     return {name: value.numpy() for name, value in outputs.items()}
 
@@ -333,7 +333,7 @@ def export_bundle(
     if "tflite" in formats and not variants:
         raise ConfigError(f"'tflite' is in formats but tflite_variants is empty; choose from {QUANTIZATIONS}.")
     for variant in variants:
-        _check_quantization(variant, calibration)
+        check_quantization(variant, calibration)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     served = float32_model(model)
@@ -365,7 +365,7 @@ def export_bundle(
     flex = {v: info["flex_ops"] for v, info in report.get("tflite", {}).items() if info["flex_ops"]}
     if check and flex:
         problems.append(f"TFLite files use TF Select (Flex) ops {flex}; rewrite the layers that need "
-                        f"them with builtin ops (see {_OPS_DOC}).")
+                        f"them with builtin ops (see {OPS_DOC}).")
     if problems:
         raise ExportError(f"Export to {out_dir} does not reproduce model {model.name!r}: "
                           f"{' '.join(problems)} Details in {paths['model_card']}.")

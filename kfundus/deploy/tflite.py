@@ -1,20 +1,20 @@
 """TFLite files of a kfundus SavedModel: conversion (float32, float16, dynamic-range int8,
 full int8), running them, and what ops they use.
 
-- Conversion runs in a fresh Python process per file (``python -m kfundus.tflite
-  SAVED_MODEL OUT``): the converter does not free its memory, and a long session that
-  converts many models would grow without bound. The ``serving_preprocessed`` signature
+- Conversion runs in a fresh Python process per file (``kfundus.cli.tflite_worker``): the
+  converter does not free its memory, and a long session that converts many models would
+  grow without bound. The ``serving_preprocessed`` signature
   (float32 images) is converted; the file's signature is ``serving_default``.
 - Only builtin TFLite ops are allowed: a model that needs TF Select (Flex) ops would need
   the large Flex delegate on every device, so conversion stops and names the ops.
 - Full int8 takes uint8 pixels (scale 1, zero point 0 for [0, 255]) and returns float32.
 
-``kfundus.export.export_bundle`` writes a bundle's TFLite files with these functions.
+``kfundus.deploy.saved_model.export_bundle`` writes a bundle's TFLite files with these
+functions.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -28,44 +28,21 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from kfundus.errors import ConfigError, ExportError, KfundusError
+from kfundus.deploy.signatures import SIGNATURE_KEY, TENSOR_SIGNATURE_KEY, named_inputs
+from kfundus.errors import ConfigError, ExportError
 
 QUANTIZATIONS = ("float32", "float16", "dynamic_int8", "int8")
 TFLITE_FILES = {"float32": "model.tflite", "float16": "model_float16.tflite",
                 "dynamic_int8": "model_dynamic_int8.tflite", "int8": "model_int8.tflite"}
-SIGNATURE_KEY = "serving_default"  # the TFLite file's signature (and the SavedModel's default one)
-_ERROR_TAG = "KFUNDUS_EXPORT_ERROR "
-_OPS_DOC = "https://ai.google.dev/edge/litert/models/ops_compatibility"
-
-
-def _named_inputs(inputs, names: list[str], source) -> dict[str, np.ndarray]:
-    if not isinstance(inputs, Mapping):
-        if len(names) != 1:
-            raise ExportError(
-                f"{source} takes {len(names)} inputs {names}; pass a dict keyed by them."
-            )
-        inputs = {names[0]: inputs}
-    if set(inputs) != set(names):
-        raise ExportError(
-            f"{source} takes inputs {sorted(names)} but got {sorted(inputs)}; "
-            f"pass a dict with exactly those keys."
-        )
-    return {name: _array(inputs[name]) for name in names}
-
-
-def _array(value) -> np.ndarray:
-    """numpy array of ``value``; encoded files (bytes) as an object array, since numpy's
-    fixed-width bytes would drop trailing NUL bytes."""
-    if isinstance(value, (list, tuple)) and value and isinstance(value[0], bytes):
-        return np.array(value, dtype=object)
-    return np.asarray(value)
+ERROR_TAG = "KFUNDUS_EXPORT_ERROR "
+OPS_DOC = "https://ai.google.dev/edge/litert/models/ops_compatibility"
 
 
 def convert_tflite(saved_model_dir, out_path, *, quantization="float32", calibration=None,
                    timeout=1800) -> Path:
     """Convert a SavedModel to TFLite in a fresh Python process (builtin ops only).
 
-    Runs ``python -m kfundus.tflite SAVED_MODEL OUT --quantization Q``: the TFLite
+    Runs ``python -m kfundus.cli.tflite_worker SAVED_MODEL OUT Q [CALIBRATION]``: the TFLite
     converter keeps its memory until the process ends. The ``serving_preprocessed``
     signature (float32 images) is converted; the file's signature is ``serving_default``.
 
@@ -88,19 +65,18 @@ def convert_tflite(saved_model_dir, out_path, *, quantization="float32", calibra
         ExportError: the model needs TF Select (Flex) ops, or conversion failed.
         ConfigError: unknown ``quantization``, or ``"int8"`` without calibration images.
     """
-    _check_quantization(quantization, calibration)
+    check_quantization(quantization, calibration)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    root = str(Path(__file__).resolve().parents[1])  # kfundus importable without install
+    root = str(Path(__file__).resolve().parents[2])  # kfundus importable without install
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.getenv("PYTHONPATH"))))}
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "kfundus.tflite", str(saved_model_dir),
-                   str(out_path), "--quantization", quantization]
+        command = [sys.executable, "-m", "kfundus.cli.tflite_worker", str(saved_model_dir), str(out_path), quantization]
         if quantization == "int8":
             samples = calibration if isinstance(calibration, Mapping) else {"": calibration}
             np.savez(Path(tmp) / "calibration.npz", **{k: np.asarray(v, "float32") for k, v in samples.items()})
-            command += ["--calibration", str(Path(tmp) / "calibration.npz")]
+            command.append(str(Path(tmp) / "calibration.npz"))
         try:
             proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as err:
@@ -110,8 +86,8 @@ def convert_tflite(saved_model_dir, out_path, *, quantization="float32", calibra
             ) from err
     if proc.returncode != 0:
         for line in proc.stderr.splitlines():
-            if line.startswith(_ERROR_TAG):
-                raise ExportError(json.loads(line[len(_ERROR_TAG):])["message"])
+            if line.startswith(ERROR_TAG):
+                raise ExportError(json.loads(line[len(ERROR_TAG):])["message"])
         raise ExportError(
             f"TFLite conversion of {saved_model_dir} failed (exit {proc.returncode}):\n"
             f"{proc.stderr[-3000:]}"
@@ -119,7 +95,7 @@ def convert_tflite(saved_model_dir, out_path, *, quantization="float32", calibra
     return out_path
 
 
-def _check_quantization(quantization: str, calibration=None) -> None:
+def check_quantization(quantization: str, calibration=None) -> None:
     if quantization not in QUANTIZATIONS:
         raise ConfigError(
             f"Unknown TFLite quantization {quantization!r}; choose one of {QUANTIZATIONS}."
@@ -151,15 +127,13 @@ def _configure_quantization(converter, quantization: str, calibration=None) -> N
         converter.inference_output_type = tf.float32
 
 
-def _convert_here(saved_model_dir, out_path, quantization: str, calibration_file=None) -> Path:
+def convert_here(saved_model_dir, out_path, quantization: str, calibration_file=None) -> Path:
     """The conversion itself; runs inside the subprocess started by convert_tflite."""
     calibration = None
     if calibration_file:
         with np.load(calibration_file) as data:
             calibration = {k: data[k] for k in data.files}
-    _check_quantization(quantization, calibration)
-    from kfundus.export import TENSOR_SIGNATURE_KEY
-
+    check_quantization(quantization, calibration)
     loaded = tf.saved_model.load(str(saved_model_dir))
     key = TENSOR_SIGNATURE_KEY if TENSOR_SIGNATURE_KEY in loaded.signatures else SIGNATURE_KEY
     function = loaded.signatures[key]
@@ -189,7 +163,7 @@ def _conversion_message(saved_model_dir, text: str) -> str:
     return (
         f"TFLite conversion of {saved_model_dir} needs TensorFlow ops that the builtin "
         f"TFLite runtime lacks (TF Select / Flex ops): {', '.join(ops)}{where}. Rewrite the "
-        f"layers that use them with ops TFLite supports (see {_OPS_DOC}), or leave "
+        f"layers that use them with ops TFLite supports (see {OPS_DOC}), or leave "
         f"'tflite' out of formats and deploy the SavedModel."
     )
 
@@ -221,7 +195,7 @@ def has_flex_ops(path) -> bool:
     return any(op.startswith("Flex") for op in tflite_ops(path))
 
 
-def _interpreter(path, num_threads: int):
+def make_interpreter(path, num_threads: int):
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
@@ -247,31 +221,31 @@ def run_tflite(path, inputs, num_threads: int = 1) -> dict[str, np.ndarray]:
 
     Returns: ``{output_name: array}``.
     """
-    interpreter = _interpreter(path, num_threads)
+    interpreter = make_interpreter(path, num_threads)
     signatures = interpreter.get_signature_list()
     if signatures:
         key = SIGNATURE_KEY if SIGNATURE_KEY in signatures else next(iter(signatures))
         runner = interpreter.get_signature_runner(key)
         details = runner.get_input_details()
-        feed = _named_inputs(inputs, list(signatures[key]["inputs"]), source=path)
-        feed = {k: _quantize(v, details[k]) for k, v in feed.items()}
+        feed = named_inputs(inputs, list(signatures[key]["inputs"]), source=path)
+        feed = {k: quantize(v, details[k]) for k, v in feed.items()}
         out_details = runner.get_output_details()
-        return {name: _dequantize(value, out_details[name]) for name, value in runner(**feed).items()}
+        return {name: dequantize(value, out_details[name]) for name, value in runner(**feed).items()}
     details = {_tensor_name(d["name"]): d for d in interpreter.get_input_details()}
-    feed = _named_inputs(inputs, list(details), source=path)
+    feed = named_inputs(inputs, list(details), source=path)
     for name, value in feed.items():
         interpreter.resize_tensor_input(details[name]["index"], value.shape)
     interpreter.allocate_tensors()
     for name, value in feed.items():
-        interpreter.set_tensor(details[name]["index"], _quantize(value, details[name]))
+        interpreter.set_tensor(details[name]["index"], quantize(value, details[name]))
     interpreter.invoke()
     return {
-        _tensor_name(d["name"]): _dequantize(interpreter.get_tensor(d["index"]), d)
+        _tensor_name(d["name"]): dequantize(interpreter.get_tensor(d["index"]), d)
         for d in interpreter.get_output_details()
     }
 
 
-def _quantize(value: np.ndarray, detail: dict) -> np.ndarray:
+def quantize(value: np.ndarray, detail: dict) -> np.ndarray:
     dtype = np.dtype(detail["dtype"])
     scale, zero_point = detail.get("quantization", (0.0, 0))
     if dtype.kind in "iu" and scale and np.asarray(value).dtype.kind == "f":
@@ -280,7 +254,7 @@ def _quantize(value: np.ndarray, detail: dict) -> np.ndarray:
     return np.asarray(value).astype(dtype, copy=False)
 
 
-def _dequantize(value, detail: dict) -> np.ndarray:
+def dequantize(value, detail: dict) -> np.ndarray:
     value = np.array(value)
     scale, zero_point = detail.get("quantization", (0.0, 0))
     if value.dtype.kind in "iu" and scale:
@@ -290,27 +264,3 @@ def _dequantize(value, detail: dict) -> np.ndarray:
 
 def _tensor_name(name: str) -> str:
     return name.removeprefix(f"{SIGNATURE_KEY}_").removesuffix(":0")
-
-
-
-def main(argv=None) -> int:
-    """``python -m kfundus.tflite SAVED_MODEL OUT [--quantization Q] [--calibration NPZ]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m kfundus.tflite", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("saved_model", help="SavedModel folder (signature serving_preprocessed)")
-    parser.add_argument("out", help="the .tflite file to write")
-    parser.add_argument("--quantization", default="float32", choices=QUANTIZATIONS)
-    parser.add_argument("--calibration", help=".npz of preprocessed images by input name (int8)")
-    args = parser.parse_args(argv)
-    try:
-        out = _convert_here(args.saved_model, args.out, args.quantization, args.calibration)
-    except KfundusError as err:
-        print(_ERROR_TAG + json.dumps({"message": str(err)}), file=sys.stderr)
-        return 2
-    print(out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

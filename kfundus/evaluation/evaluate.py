@@ -14,25 +14,22 @@ never saw is evaluated whole (an external test set).
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from kfundus.config import load_config
 from kfundus.data.manifest import Manifest
-from kfundus.data.pipeline import prepare
+from kfundus.data.pipeline import Preprocess, prepare
 from kfundus.errors import ConfigError, DataError
 from kfundus.labels import DR_GRADES, ODIR_LABELS
-from kfundus.training import load_manifest, predict, preprocess_config
-from kfundus.models import load_model
+from kfundus.run import RunFolder, check_data_labels, now
 
 
-def select_rows(manifest: Manifest, run_dir: Path, split: str) -> tuple[Manifest, str]:
+def select_rows(manifest: Manifest, run: RunFolder, split: str) -> tuple[Manifest, str]:
     """Rows of ``manifest`` in the run's ``split``; the whole dataset if the run never saw it."""
-    splits = pd.read_csv(run_dir / "splits.csv", dtype={"patient_id": str})
+    splits = run.read_splits()
     key = manifest.image_columns[0]
     known = dict(zip(splits[key].astype(str), splits["split"]))
     assigned = manifest.frame[key].astype(str).map(known)
@@ -40,10 +37,10 @@ def select_rows(manifest: Manifest, run_dir: Path, split: str) -> tuple[Manifest
         scope = "all rows" if split == "all" else "external dataset (all rows: none were in this run's splits)"
         return manifest, scope
     if split not in set(splits["split"]):
-        raise ConfigError(f"--split {split}: run {run_dir} has splits {sorted(set(splits['split']))} (or 'all')")
+        raise ConfigError(f"--split {split}: run {run} has splits {sorted(set(splits['split']))} (or all)")
     new = int(assigned.isna().sum())
     if new:
-        print(f"note: {new} row(s) of the dataset are not in {run_dir / 'splits.csv'} (added after training?); "
+        print(f"note: {new} row(s) of the dataset are not in {run / 'splits.csv'} (added after training?); "
               "they are left out")
     return manifest.subset((assigned == split).to_numpy()), f"split '{split}' of the run"
 
@@ -51,53 +48,58 @@ def select_rows(manifest: Manifest, run_dir: Path, split: str) -> tuple[Manifest
 def _ids(manifest: Manifest) -> pd.Series:
     frame = manifest.frame
     if manifest.level == "eye" and "eye" in frame:
-        return frame["patient_id"].astype(str) + np.where(frame["eye"].astype(str) != "", "_" + frame["eye"].astype(str), "")
+        eye = frame["eye"].astype(str)
+        return frame["patient_id"].astype(str) + np.where(eye != "", "_" + eye, "")
     return frame["patient_id"].astype(str)
 
 
 def evaluate_run(run_dir, data_path=None, *, split="test", overrides=None, out_dir=None, gallery=True) -> dict:
-    """Evaluate ``run_dir/model.keras`` on a split of a dataset; return the metrics dict.
-    ``gallery`` adds Grad-CAM overlays of true and false positives per class."""
+    """Evaluate ``run_dir/model.keras`` on a split of a dataset (default: the one it was
+    trained on); write the report folder and return the metrics dict. ``gallery`` adds
+    Grad-CAM overlays of true and false positives per class."""
+    from kfundus import __version__
+    from kfundus.data.readers import load_dataset
+    from kfundus.evaluation.plots import plot_confusion_matrices, plot_pr_curves, plot_roc_curves
+    from kfundus.evaluation.predict import predict_outputs
+    from kfundus.evaluation.report import write_html
     from kfundus.metrics import evaluate_predictions, per_class_metrics, to_jsonable, write_odir_submission
-    from kfundus.plots import plot_confusion_matrices, plot_pr_curves, plot_roc_curves
+    from kfundus.objectives import primary_output
+    from kfundus.systems import load_model
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "model.keras").exists():
-        raise ConfigError(f"{run_dir} has no model.keras: give the folder a finished `train` run wrote")
-    config = load_config(run_dir / "config.yaml", overrides)
-    info = json.loads((run_dir / "run.json").read_text())
-    manifest = load_manifest(config, data_path)
-    if manifest.labels != info["labels"]:
-        raise DataError(f"the dataset's labels {manifest.labels} differ from the run's {info['labels']}; "
-                        "use --set data.labels=[...] to select the run's labels")
-    manifest, scope = select_rows(manifest, run_dir, split)
+    run = RunFolder(run_dir).require_finished("evaluate")
+    config = run.read_config(overrides)
+    info = run.read_info()
+    data = str(data_path or config.data.path)
+    manifest = load_dataset(config.data, data)
+    check_data_labels(manifest, info, data)
+    manifest, scope = select_rows(manifest, run, split)
     if len(manifest) == 0:
-        raise DataError(f"no rows to evaluate in {scope}")
-    prepared = prepare(manifest, preprocess_config(config), cache_dir=config.data.cache_dir,
+        raise DataError(f"no rows to evaluate in {scope} of {data}")
+    preprocess = Preprocess.from_config(config.data)
+    prepared = prepare(manifest, preprocess, cache_dir=config.data.cache_dir,
                        skip_unreadable=config.data.skip_unreadable)
     manifest = prepared.manifest
-    model = load_model(run_dir / "model.keras")
-    chosen = json.loads((run_dir / "thresholds.json").read_text())
-    y_prob = predict(model, prepared, config.train.batch_size, chosen.get("primary_output"))
+    model = load_model(run.model_file)
+    chosen = run.read_thresholds()
+    primary = chosen.get("primary_output")
+    outputs = predict_outputs(model, prepared, config.train.batch_size)
+    y_prob = primary_output(outputs, primary)
     y_true = manifest.targets()
     thresholds = chosen["thresholds"]
 
-    out = Path(out_dir or run_dir / f"eval-{split}")
+    out = Path(out_dir or run.eval_dir(split))
     out.mkdir(parents=True, exist_ok=True)
     labels = manifest.labels
-    ordinal = labels == DR_GRADES
     metrics = evaluate_predictions(y_true, y_prob, labels, manifest.task,
                                    thresholds=None if manifest.task == "multiclass" else np.asarray(thresholds),
-                                   ordinal=ordinal)
-    if len(model.outputs) > 1:  # a multi-task model: a report per head besides the primary one
-        from kfundus.data.pipeline import make_dataset
-        from kfundus.multitask import head_reports
+                                   ordinal=labels == DR_GRADES)
+    if isinstance(outputs, dict) and len(outputs) > 1:  # a multi-task model: a report per head
+        from kfundus.systems.dual_stream.objective import head_reports
 
-        outputs = model.predict(make_dataset(prepared, batch_size=config.train.batch_size, with_targets=False),
-                                verbose=0)
         metrics["heads"] = head_reports(outputs, y_true, labels, manifest.task, config)
-    metrics = to_jsonable({"run": str(run_dir), "data": str(config.data.path), "scope": scope,
-                           "rows": len(manifest), "skipped": len(prepared.skipped), "level": manifest.level,
+    metrics = to_jsonable({"run": str(run), "model_file": str(run.model_file), "data": data, "split": split,
+                           "scope": scope, "rows": len(manifest), "skipped": len(prepared.skipped),
+                           "level": manifest.level, "kfundus_version": __version__, "evaluated": now(),
                            "thresholds": dict(zip(labels, thresholds)), **metrics})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
@@ -118,11 +120,10 @@ def evaluate_run(run_dir, data_path=None, *, split="test", overrides=None, out_d
     if labels == ODIR_LABELS and manifest.level == "patient":
         write_odir_submission(manifest.frame["patient_id"], y_prob, out / "odir_submission.csv")
     if gallery:
-        from kfundus.multitask import primary_model
+        from kfundus.systems.dual_stream.objective import primary_model
 
-        gradcam_gallery(primary_model(model, chosen.get("primary_output")), manifest, y_prob, thresholds,
-                        preprocess_config(config), out)
-    _write_html(out, metrics)
+        gradcam_gallery(primary_model(model, primary), manifest, y_prob, thresholds, preprocess, out)
+    write_html(out, metrics)
     print(f"evaluated {len(manifest)} rows ({scope}); report: {out / 'report.html'}")
     return metrics
 
@@ -131,8 +132,8 @@ def gradcam_gallery(model, manifest: Manifest, y_prob, thresholds, preprocess, o
     """Per class, Grad-CAM overlays of the most confident true positives and false
     positives, written as ``gallery_<label>.png``. Returns the files written (none for
     two-eye models, which Grad-CAM does not support yet)."""
-    from kfundus.explain import GradCAM, load_images, overlay
-    from kfundus.plots import plot_image_grid
+    from kfundus.evaluation.plots import plot_image_grid
+    from kfundus.explain.cam import GradCAM, load_images, overlay
 
     if manifest.level != "eye":
         return []
@@ -153,30 +154,3 @@ def gradcam_gallery(model, manifest: Manifest, y_prob, thresholds, preprocess, o
                           for i, img, cam in zip(hits, images, cams)]
         files.append(plot_image_grid(rows, out / f"gallery_{label}.png", title=f"Grad-CAM, {label}"))
     return files
-
-
-def _write_html(out: Path, metrics: dict) -> None:
-    """A one-page report: headline metrics, the per-class table, the plots."""
-    headline = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and v is not None}
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in headline.items())
-    table = ""
-    per_class = out / "per_class.csv"
-    if per_class.exists():
-        table = pd.read_csv(per_class).to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="n/a")
-    odir = metrics.get("odir")
-    odir_html = ""
-    if odir:
-        odir_html = ("<h2>Official ODIR score (pooled over patients x labels, threshold 0.5)</h2><p>"
-                     + ", ".join(f"{k} = {_fmt(v)}" for k, v in odir.items()) + "</p>")
-    names = ["roc.png", "pr.png", "confusion.png"] + sorted(p.name for p in out.glob("gallery_*.png"))
-    images = "".join(f'<figure><img src="{name}" width="600"><figcaption>{name}</figcaption></figure>'
-                     for name in names if (out / name).exists())
-    page = (f"<html><head><meta charset='utf-8'><title>kfundus evaluation</title></head><body>"
-            f"<h1>kfundus evaluation</h1><table>{rows}</table>{odir_html}<h2>Per class</h2>{table}{images}"
-            f"<p>All figures: metrics.json. Macro means exclude classes without both positives and negatives "
-            f"in this set.</p></body></html>")
-    (out / "report.html").write_text(page)
-
-
-def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))

@@ -20,10 +20,10 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from kfundus.errors import DataError
 from kfundus.metrics import (
-    _class_indices,
-    _indices_to_onehot,
-    _multilabel_arrays,
-    _thresholds_vector,
+    class_indices,
+    indices_to_onehot,
+    multilabel_arrays,
+    thresholds_vector,
     apply_thresholds,
 )
 
@@ -31,13 +31,13 @@ _DPI = 120
 _LINESTYLES = ("-", "--", "-.", ":")
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=_DPI)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path) -> Path:
+def save_figure(fig: Figure, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", bbox_inches="tight")
@@ -60,8 +60,8 @@ def _place_legend(ax, handles, corner: str) -> None:
 
 def _curves(y_true, y_prob, labels, path, title, kind):
     """ROC (kind="roc") or precision-recall (kind="pr") curves, one per class."""
-    y_true, y_prob = _multilabel_arrays(y_true, y_prob, labels)
-    fig = _new_figure(7.0, 6.0)
+    y_true, y_prob = multilabel_arrays(y_true, y_prob, labels)
+    fig = new_figure(7.0, 6.0)
     ax = fig.add_subplot()
     handles = []
     for k, label in enumerate(labels):
@@ -90,7 +90,7 @@ def _curves(y_true, y_prob, labels, path, title, kind):
            title=title or ("ROC curves" if kind == "roc" else "Precision-recall curves"))
     ax.grid(alpha=0.3)
     _place_legend(ax, handles, "lower right" if kind == "roc" else "best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc_curves(y_true, y_prob, labels, path, title=None) -> Path:
@@ -174,17 +174,17 @@ def plot_confusion_matrices(y_true, y_prob, labels, path, task, thresholds=None)
         k = len(labels)
         if y_prob.ndim != 2 or y_prob.shape[1] != k:
             raise DataError(f"y_prob must be (N, {k}) for {k} labels; got {y_prob.shape}.")
-        y = _indices_to_onehot(_class_indices(y_true), k).argmax(axis=1)
+        y = indices_to_onehot(class_indices(y_true), k).argmax(axis=1)
         pred = y_prob.argmax(axis=1)
         counts = np.zeros((k, k), dtype=int)
         np.add.at(counts, (y, pred), 1)
         side = max(4.5, 0.6 * k + 2.0)
-        fig = _new_figure(side + 1.0, side)
+        fig = new_figure(side + 1.0, side)
         ax = fig.add_subplot()
         image = _draw_matrix(ax, counts, _row_normalised(counts), [str(x) for x in labels],
                              f"Confusion matrix (n={y.size}, accuracy {np.trace(counts) / max(y.size, 1):.3f})")
         fig.colorbar(image, ax=ax, label="fraction of the true class")
-        return _save(fig, path)
+        return save_figure(fig, path)
     if task not in ("multilabel", "binary"):
         raise DataError(f"task {task!r} is unknown; use multilabel, binary or multiclass.")
     if task == "binary":
@@ -192,14 +192,14 @@ def plot_confusion_matrices(y_true, y_prob, labels, path, task, thresholds=None)
         y_prob = y_prob[:, 1] if y_prob.ndim == 2 and y_prob.shape[1] == 2 else y_prob
         y_true = y_true[:, 1] if y_true.ndim == 2 and y_true.shape[1] == 2 else y_true
         labels = list(labels)[-1:]
-    y_true, y_prob = _multilabel_arrays(np.reshape(y_true, (len(y_true), -1)),
+    y_true, y_prob = multilabel_arrays(np.reshape(y_true, (len(y_true), -1)),
                                         np.reshape(y_prob, (len(y_prob), -1)), labels)
-    thresholds = _thresholds_vector(thresholds, y_prob.shape[1])
+    thresholds = thresholds_vector(thresholds, y_prob.shape[1])
     pred = apply_thresholds(y_prob, thresholds)
     n = len(labels)
     ncols = min(4, n)
     nrows = math.ceil(n / ncols)
-    fig = _new_figure(3.2 * ncols, 3.0 * nrows)
+    fig = new_figure(3.2 * ncols, 3.0 * nrows)
     for k, label in enumerate(labels):
         ax = fig.add_subplot(nrows, ncols, k + 1)
         counts = np.zeros((2, 2), dtype=int)
@@ -208,7 +208,7 @@ def plot_confusion_matrices(y_true, y_prob, labels, path, task, thresholds=None)
                      f"{label} (t={thresholds[k]:.2f})")
     fig.suptitle("Confusion matrices per class (rows: true, colour: row fraction)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _lower_is_better(name: str) -> bool:
@@ -254,7 +254,7 @@ def plot_training_curves(history_csv, path) -> Path:
     names.sort(key=lambda c: (c.removeprefix("val_") != "loss", c in ("learning_rate", "lr")))
     ncols = min(3, len(names))
     nrows = math.ceil(len(names) / ncols)
-    fig = _new_figure(4.5 * ncols, 3.4 * nrows)
+    fig = new_figure(4.5 * ncols, 3.4 * nrows)
     for i, name in enumerate(names):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         metric = name.removeprefix("val_")
@@ -276,14 +276,14 @@ def plot_training_curves(history_csv, path) -> Path:
         ax.legend(fontsize="small")
     fig.suptitle(f"Training history: {history_csv.name}")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_image_grid(rows: dict, path, title=None) -> Path:
     """A grid of images with captions: ``{row title: [(uint8 HxWx3, caption), ...]}``,
     one row per key (rows may have different lengths; empty rows say "none")."""
     columns = max([len(v) for v in rows.values()] + [1])
-    fig = _new_figure(2.2 * columns + 0.8, 2.4 * len(rows) + (0.4 if title else 0))
+    fig = new_figure(2.2 * columns + 0.8, 2.4 * len(rows) + (0.4 if title else 0))
     axes = fig.subplots(len(rows), columns, squeeze=False)
     for r, (row_title, items) in enumerate(rows.items()):
         for c in range(columns):
@@ -303,4 +303,39 @@ def plot_image_grid(rows: dict, path, title=None) -> Path:
                 ax.set_ylabel(row_title, fontsize=9)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+def plot_bars(names, values, path, *, ylabel: str, title: str) -> Path:
+    """One bar per named value (a sweep's cells)."""
+    fig = new_figure(max(4.0, 0.9 * len(names) + 2), 3.5)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(range(len(names)), np.asarray(values, dtype=float))
+    ax.set_xticks(range(len(names)), list(names), rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def plot_protocol_comparison(summary: pd.DataFrame, metrics, path, names=None) -> Path:
+    """One panel per metric: mean ± std over folds (``<metric>_mean``, ``<metric>_std``
+    columns), backbones on x, one marker per protocol (``names`` labels them)."""
+    names = names or {}
+    fig = new_figure(3.2 * len(metrics), 3.4)
+    backbones = list(dict.fromkeys(summary["backbone"]))
+    protocols = list(dict.fromkeys(summary["protocol"]))
+    for j, metric in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), j + 1)
+        for k, protocol in enumerate(protocols):
+            part = summary[summary["protocol"] == protocol].set_index("backbone").reindex(backbones)
+            x = np.arange(len(backbones)) + (k - (len(protocols) - 1) / 2) * 0.18
+            ax.errorbar(x, part[f"{metric}_mean"], yerr=part[f"{metric}_std"], fmt="o", capsize=3,
+                        color=f"C{k}", label=names.get(protocol, protocol))
+        ax.set_xticks(range(len(backbones)), backbones, rotation=20, fontsize=8)
+        ax.set_xlim(-0.6, len(backbones) - 0.4)
+        ax.set_title(metric)
+        ax.grid(axis="y", alpha=0.3)
+        if j == 0:
+            ax.legend(fontsize="small")
+    fig.suptitle("transfer protocols: mean ± std over folds", y=1.04)
+    return save_figure(fig, path)

@@ -4,8 +4,8 @@
 or with its backbone nested as one layer (kfundus EfficientNet-B0: ``efficientnetb0`` /
 ``top_activation``), mixed-precision models included (maps computed in float32).
 ``save_overlays`` writes image | heat-map PNGs captioned ``"<label> p=0.93"``;
-``main_explain`` is the ``kfundus explain`` command. How well the maps fall on lesions, and
-whether they depend on the trained weights at all, is measured in ``kfundus.saliency``.
+``kfundus explain`` is its command. How well the maps fall on lesions, and
+whether they depend on the trained weights at all, is measured in ``kfundus.explain.saliency``.
 
 Choices where the paper leaves room:
 
@@ -22,12 +22,8 @@ Choices where the paper leaves room:
 
 from __future__ import annotations
 
-import argparse
 import functools
-import glob
-import json
 import re
-import sys
 from pathlib import Path
 
 import keras
@@ -35,8 +31,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from kfundus.errors import ConfigError, DataError, KfundusError
-from kfundus.models import load_model
+from kfundus.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
@@ -435,99 +430,3 @@ def save_overlays(model, image_paths, out_dir, *, labels, preprocess, classes="p
 
 # ---------------------------------------------------------------------------
 # Command line: kfundus explain
-
-
-def _image_list(spec: str) -> list[Path]:
-    if Path(spec).is_dir():
-        files = sorted(p for p in Path(spec).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    else:
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
-    if not files:
-        raise DataError(f"--images {spec}: no {'/'.join(IMAGE_SUFFIXES)} files in that folder, or no such "
-                        "folder and no file matching that pattern")
-    return files
-
-
-def _split_images(run_dir: Path, split: str) -> list[Path]:
-    table, file = pd.read_csv(run_dir / "splits.csv"), run_dir / "splits.csv"
-    if "image" not in table.columns:
-        raise ConfigError(f"{file} has no 'image' column: two-eye runs are not supported by Grad-CAM yet")
-    chosen = table if split == "all" else table[table["split"] == split]
-    if chosen.empty:
-        raise ConfigError(f"--split {split}: {file} has no such rows (its splits: {sorted(set(table['split']))})")
-    return [Path(p) for p in chosen["image"]]
-
-
-def _load_setup(args):
-    """(model, labels, preprocess, thresholds) from --run and/or --model."""
-    from kfundus.config import load_config
-    from kfundus.data.pipeline import Preprocess
-
-    run = Path(args.run) if args.run else None
-    if run is not None and not (run / "run.json").exists():
-        raise ConfigError(f"--run {run}: no run.json there; give a folder written by 'kfundus train'")
-    model_file = Path(args.model) if args.model else run / "model.keras"
-    if not model_file.exists():
-        raise ConfigError(f"no model file {model_file}: give --model path/to/model.keras or --run runs/NAME")
-    model = load_model(model_file)
-    thresholds = 0.5 if args.threshold is None else args.threshold
-    if run is not None:  # the run's labels, size, crop and validation thresholds
-        info = json.loads((run / "run.json").read_text())
-        if args.threshold is None and (run / "thresholds.json").exists():
-            thresholds = json.loads((run / "thresholds.json").read_text())["thresholds"]
-        crop = load_config(run / "config.yaml").data.crop_fundus
-        return model, list(info["labels"]), Preprocess(int(info["image_size"]), crop), thresholds
-    labels_file = model_file.parent / "labels.txt"  # an exported bundle has one
-    if args.labels:
-        labels = [x.strip() for x in args.labels.split(",") if x.strip()]
-    elif labels_file.exists():
-        labels = [x.strip() for x in labels_file.read_text().splitlines() if x.strip()]
-    else:
-        labels = [f"class{i}" for i in range(int(model.outputs[0].shape[-1]))]
-    size = args.image_size or int(model.inputs[0].shape[1])
-    return model, labels, Preprocess(size, crop_fundus=not args.no_crop), thresholds
-
-
-def main_explain(argv=None) -> int:
-    """``kfundus explain``: Grad-CAM overlays for a folder of images or a run's split."""
-    parser = argparse.ArgumentParser(prog="kfundus explain", description=(
-        "Write Grad-CAM overlays (image | heat map, caption '<label> p=0.93') for each predicted "
-        "class or the classes given."))
-    add = parser.add_argument
-    add("--run", help="a run folder (labels, image size, crop and thresholds come from it)")
-    add("--model", help="a .keras model (default with --run: <run>/model.keras)")
-    add("--images", help="a folder of images or a glob pattern ('data/**/*.jpg')")
-    add("--split", help="with --run: explain that split of the run's splits.csv (test, val, train, all)")
-    add("--out", help="output folder (default: <run>/explain, or ./explain)")
-    add("--classes", default="predicted", help="'predicted' (default) or labels, e.g. G,C")
-    add("--labels", help="with --model alone: the output names, e.g. N,G,C (default: labels.txt beside it)")
-    add("--image-size", type=int, help="with --model alone: input side (default: the model's)")
-    add("--no-crop", action="store_true", help="with --model alone: do not crop the fundus border")
-    add("--threshold", type=float, help="decision threshold (default: the run's thresholds, else 0.5)")
-    add("--layer", help="convolutional layer (default: the last one, e.g. top_activation)")
-    add("--batch-size", type=int, default=16)
-    add("--alpha", type=float, default=0.4, help="heat-map weight of the overlay")
-    args = parser.parse_args(argv)
-    if not (args.run or args.model) or bool(args.images) == bool(args.split) or (args.split and not args.run):
-        parser.error("give --run runs/NAME or --model FILE.keras, and one of --images DIR_OR_GLOB or "
-                     "--split NAME (--split needs --run)")
-    try:
-        model, labels, preprocess, thresholds = _load_setup(args)
-        paths = _image_list(args.images) if args.images else _split_images(Path(args.run), args.split)
-        classes = "predicted" if args.classes == "predicted" else [c.strip() for c in args.classes.split(",")]
-        out = Path(args.out or (Path(args.run) / "explain" if args.run else "explain"))
-        table = save_overlays(model, paths, out, labels=labels, preprocess=preprocess, classes=classes,
-                              threshold=thresholds, batch_size=args.batch_size, layer=args.layer,
-                              alpha=args.alpha)
-    except KfundusError as exc:
-        print(f"kfundus explain: error: {exc}", file=sys.stderr)
-        return 2
-    table.to_csv(out / "overlays.csv", index=False)
-    none = len(paths) - table["image"].nunique()
-    print(f"wrote {len(table)} Grad-CAM overlay(s) for {len(paths)} image(s) to {out} (index: overlays.csv)"
-          + (f"; {none} image(s) had no class above the threshold" if none and classes == "predicted" else ""))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main_explain())

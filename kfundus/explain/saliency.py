@@ -17,7 +17,7 @@ import pandas as pd
 import tensorflow as tf
 
 from kfundus.errors import ConfigError
-from kfundus.explain import IMAGE_SUFFIXES, GradCAM, gradcam, load_images
+from kfundus.explain.cam import IMAGE_SUFFIXES, GradCAM, gradcam, load_images
 
 # Synthetic masks that are the whole field of view (cataract, myopia; RFMiD columns too).
 WHOLE_FIELD_LABELS = frozenset({"C", "M", "MH", "MYA", "TSLN"})

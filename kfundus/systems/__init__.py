@@ -1,47 +1,49 @@
-"""Model builders, one file per family. ``build_model`` picks one from a ModelConfig."""
+"""The published systems kfundus implements, one folder each (keras-hub style): its model
+builder, its objective (losses, metrics, targets) and its shipped configs.
+
+- ``efficientnet``: EfficientNet-B0 transfer learning with Grad-CAM (``efficientnet_b0``);
+- ``clip_lora``: CLIP vision encoder + LoRA, BCE + Shadow loss (``clip_lora``; ``vit``);
+- ``dual_stream``: dual-stream network with weighted label smoothing (``dual_stream``);
+- ``retclip``: RET-CLIP image-report pre-training (``retclip``).
+
+The fifth, the transfer study (LP / FT / LP-FT from a foundation model vs ImageNet), is a
+workflow over these backbones: ``kfundus.workflows.transfer``.
+
+Models never import the engine, data or CLI: a system hands its Objective to the engine.
+Importing this package registers every custom layer, loss and metric, so
+:func:`load_model` reads any saved kfundus model.
+"""
 
 from __future__ import annotations
 
 from kfundus.errors import ConfigError
-from kfundus.models.dual_stream import build_dual_stream
-from kfundus.models.efficientnet import build_efficientnet_b0
-from kfundus.models.clip_lora import build_clip_lora, build_vit, shadow_objective
-from kfundus.models import retclip  # noqa: F401 - registers RET-CLIP's layers and loss for load_model
-from kfundus import multitask  # noqa: F401 - registers the dual-stream QWK metric and WLSR loss for load_model
+from kfundus.objectives import default_objective
+from kfundus.systems import clip_lora, dual_stream, efficientnet, retclip
+from kfundus.systems.base import System, check_options
 
-BUILDERS = {"efficientnet_b0": build_efficientnet_b0}
-BUILDERS["clip_lora"] = build_clip_lora  # CLIP vision encoder + LoRA (SPECS.md section 1)
-BUILDERS["vit"] = build_vit  # keras-hub ViT baseline, same head and loss
-BUILDERS["dual_stream"] = build_dual_stream
+SYSTEMS: dict[str, System] = {s.name: s for package in (efficientnet, clip_lora, dual_stream, retclip)
+                              for s in package.SYSTEMS}
 
-# model.name -> fn(config, manifest, train_targets) -> kfundus.training.Objective, for models
-# whose loss, metrics or targets differ from one output over the labels (multi-task heads,
-# an embedding output for a metric-learning loss). Absent: kfundus.training.default_objective.
-OBJECTIVES = {}
-OBJECTIVES["clip_lora"] = shadow_objective  # BCE + lambda * Shadow loss
-OBJECTIVES["vit"] = shadow_objective
+__all__ = ["SYSTEMS", "System", "build_model", "check_options", "get_system", "load_model", "make_objective"]
 
 
-def _dual_stream_objective(config, manifest, train_targets):
-    from kfundus.multitask import dual_stream_objective
-
-    return dual_stream_objective(config, manifest, train_targets)
-
-
-OBJECTIVES["dual_stream"] = _dual_stream_objective
+def get_system(name: str, workflow: str = "train") -> System:
+    """The system ``model.name`` selects, for a workflow (ConfigError naming the choices)."""
+    choices = sorted(n for n, s in SYSTEMS.items() if s.workflow == workflow)
+    if name not in SYSTEMS or SYSTEMS[name].workflow != workflow:
+        hint = f" ({name} is trained by `kfundus {SYSTEMS[name].workflow}`)" if name in SYSTEMS else ""
+        raise ConfigError(f"model.name={name!r} is not a model `kfundus {workflow}` trains{hint}; "
+                          f"available: {choices} (e.g. --set model.name={choices[0]})")
+    return SYSTEMS[name]
 
 
 def build_model(config, *, num_outputs: int, image_size: int, task: str, two_eye: bool = False):
-    """Build the classifier a ``kfundus.config.ModelConfig`` names.
-
-    ``task`` "multiclass" gets a softmax head, "multilabel" and "binary" sigmoids.
-    """
-    if config.name not in BUILDERS:
-        raise ConfigError(f"model.name={config.name!r} is unknown; available: {sorted(BUILDERS)}")
-    builder = BUILDERS[config.name]
+    """Build the classifier a ``model`` config section (:class:`kfundus.config.ModelConfig`)
+    names. ``task`` "multiclass" gets a softmax head, "multilabel" and "binary" sigmoids."""
+    system = get_system(config.name)
     options = dict(getattr(config, "options", None) or {})
-    check_options(builder, options, f"model.options of {config.name}")
-    return builder(
+    check_options(system.build, options, f"model.options of {config.name}")
+    return system.build(
         num_outputs,
         image_size=image_size,
         weights=config.weights,
@@ -54,27 +56,17 @@ def build_model(config, *, num_outputs: int, image_size: int, task: str, two_eye
     )
 
 
-_COMMON = {"image_size", "weights", "trainable_blocks", "dropout", "activation", "two_eye", "bn_momentum"}
-
-
-def check_options(fn, options: dict, where: str) -> None:
-    """Raise a ConfigError naming ``where`` if ``options`` has keys ``fn`` does not take
-    (or that the common ModelConfig fields already set)."""
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    valid = sorted(n for n, p in params.items()
-                   if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in _COMMON)
-    valid = [n for n in valid if n != next(iter(params))]  # not the first positional (outputs)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {unknown}; valid: {valid}")
+def make_objective(config, manifest, train_targets):
+    """The Objective of the system ``config.model.name`` names (the default one for a
+    system that defines none)."""
+    system = get_system(config.model.name, config.workflow)
+    return (system.objective or default_objective)(config, manifest, train_targets)
 
 
 def load_model(path, **kwargs):
-    """``keras.saving.load_model`` with every kfundus model family's classes registered
-    (importing this package registers them: custom layers, losses, keras-hub encoders).
-    Use it wherever a saved kfundus model is read."""
+    """``keras.saving.load_model`` with every kfundus system's classes registered (importing
+    this package registers them: custom layers, losses, metrics, keras-hub encoders). Use it
+    wherever a saved kfundus model is read."""
     import keras
 
     return keras.saving.load_model(path, **kwargs)

@@ -1,11 +1,11 @@
 """``kfundus sweep``: train and evaluate one config over a grid of settings, and compare.
 
-    kfundus sweep --config configs/odir_clip_lora_shadow.yaml --data /data/ODIR-5K \\
+    kfundus sweep --config odir_clip_lora_shadow --data /data/ODIR-5K \\
         --grid model.options.lora_rank=4,8,16 --grid model.options.lora_alpha=8,16 \\
         --grid train.loss_options.margin=0.2,0.5 [--set key=value ...] [--out runs/sweep] [--split val]
 
 Every cell of the grid (the Cartesian product of the ``--grid`` lists; values read as
-YAML, like ``--set``) is one ordinary run, trained by ``kfundus.training.train`` into
+YAML, like ``--set``) is one ordinary run, trained by ``kfundus.workflows.supervised.train`` into
 ``<out>/<cell>/`` and evaluated by ``kfundus.evaluation.evaluate_run``. The comparison
 goes to ``<out>/comparison.csv``, ``comparison.md`` and ``comparison.png`` (one row per
 cell: its settings, the official ODIR score where the labels are ODIR's at patient level,
@@ -18,17 +18,16 @@ while choosing settings; the test split is for the one setting chosen at the end
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from kfundus.errors import ConfigError, KfundusError
+from kfundus.errors import ConfigError
+from kfundus.run import RunFolder
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
@@ -61,38 +60,31 @@ def cell_name(cell: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "-", "__".join(parts)) or "default"
 
 
-def _best(history: Path, monitor: str):
-    if not history.exists():
-        return None
-    table = pd.read_csv(history)
-    if monitor not in table or table[monitor].dropna().empty:
-        return None
-    return float(table[monitor].min() if "loss" in monitor else table[monitor].max())
-
-
 def run_sweep(config_path, grid: dict[str, list], *, data=None, overrides=None, out=None, split="test",
               overwrite=False) -> pd.DataFrame:
     """Train + evaluate every cell; write and return the comparison table."""
     from kfundus.config import load_config
     from kfundus.evaluation import evaluate_run
-    from kfundus.training import train
+    from kfundus.evaluation.report import markdown_table
+    from kfundus.engine.callbacks import HISTORY, best_so_far
+    from kfundus.workflows.supervised import train
 
     overrides = list(overrides or [])
     if not grid:
         raise ConfigError("no --grid given: name at least one setting to vary, e.g. --grid model.options.lora_rank=4,8")
-    base = load_config(config_path, overrides)  # checks the config and overrides once, up front
+    base = load_config(config_path, overrides, workflow="train")  # checks the config and overrides up front
     out = Path(out or Path(base.output_dir) / f"sweep_{base.name}")
     out.mkdir(parents=True, exist_ok=True)
     todo = cells(grid)
     configs = []
     for cell in todo:  # every cell's config is checked before the first one trains
         sets = overrides + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in cell.items()]
-        configs.append(load_config(config_path, sets))
+        configs.append(load_config(config_path, sets, workflow="train"))
     rows = []
     for i, (cell, config) in enumerate(zip(todo, configs), 1):
         run_dir = out / cell_name(cell)
         print(f"\n=== sweep cell {i}/{len(todo)}: {cell} -> {run_dir}")
-        finished = (run_dir / "model.keras").exists() and not (run_dir / "backup").exists()
+        finished = RunFolder(run_dir).finished()
         start = time.time()
         seconds = None
         if finished and not overwrite:
@@ -108,7 +100,7 @@ def run_sweep(config_path, grid: dict[str, list], *, data=None, overrides=None, 
         for key, value in (metrics.get("odir") or {}).items():
             row[f"odir_{key}"] = value
         row["macro_auroc"] = metrics.get("macro_auroc")
-        row[f"best_{config.train.monitor}"] = _best(run_dir / "history.csv", config.train.monitor)
+        row[f"best_{config.train.monitor}"] = best_so_far(run_dir / HISTORY, config.train.monitor)
         row["train_seconds"] = seconds
         rows.append(row)
         write_comparison(pd.DataFrame(rows), out, split)  # after each cell: partial results survive
@@ -118,56 +110,13 @@ def run_sweep(config_path, grid: dict[str, list], *, data=None, overrides=None, 
     return table
 
 
-def markdown_table(table: pd.DataFrame) -> str:
-    def fmt(v):
-        return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
-
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines)
-
-
 def write_comparison(table: pd.DataFrame, out: Path, split: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from kfundus.evaluation.plots import plot_bars
+    from kfundus.evaluation.report import markdown_table
 
     table.to_csv(out / "comparison.csv", index=False)
     (out / "comparison.md").write_text(f"# Sweep: evaluation on split '{split}'\n\n{markdown_table(table)}\n\n"
                                        "odir_*: the official ODIR score (pooled over patients x labels, "
                                        "threshold 0.5); macro_auroc: mean of per-class AUROCs.\n")
     score = "odir_final" if "odir_final" in table else "macro_auroc"
-    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(table) + 2), 3.5))
-    ax.bar(range(len(table)), table[score].astype(float))
-    ax.set_xticks(range(len(table)), table["run"], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(score)
-    ax.set_title(f"sweep, split '{split}'")
-    fig.tight_layout()
-    fig.savefig(out / "comparison.png", dpi=100)
-    plt.close(fig)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kfundus sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/odir_clip_lora_shadow.yaml")
-    parser.add_argument("--data", help="dataset folder or label file (overrides data.path)")
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                        help="a setting and its values, e.g. model.options.lora_rank=4,8 (repeatable)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a fixed override for every cell (repeatable)")
-    parser.add_argument("--out", help="sweep folder (default: <output_dir>/sweep_<name>)")
-    parser.add_argument("--split", default="test", help="split evaluated per cell (default test; val to choose)")
-    parser.add_argument("--overwrite", action="store_true", help="train finished cells again")
-    args = parser.parse_args(argv)
-    try:
-        run_sweep(args.config, parse_grid(args.grid), data=args.data, overrides=args.overrides, out=args.out,
-                  split=args.split, overwrite=args.overwrite)
-    except KfundusError as exc:
-        print(f"kfundus sweep: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    plot_bars(table["run"], table[score], out / "comparison.png", ylabel=score, title=f"sweep, split '{split}'")

@@ -40,7 +40,7 @@ def multilabel(n=N, k=3, seed=1):
 
 def case_efficientnet():
     from kfundus.losses import make_loss
-    from kfundus.models.efficientnet import build_efficientnet_b0
+    from kfundus.systems.efficientnet.model import build_efficientnet_b0
 
     y = multilabel()
     model = build_efficientnet_b0(3, image_size=SIZE, dropout=0.0)
@@ -48,7 +48,8 @@ def case_efficientnet():
 
 
 def _transformer(builder, config):
-    from kfundus.losses import ShadowLoss, make_loss
+    from kfundus.losses import make_loss
+    from kfundus.systems.clip_lora.shadow_loss import ShadowLoss
 
     y = multilabel()
     model = builder(3, image_size=SIZE, encoder_config=config, lora_rank=2, dropout=0.0)
@@ -57,13 +58,13 @@ def _transformer(builder, config):
 
 
 def case_clip_lora():
-    from kfundus.models.clip_lora import build_clip_lora
+    from kfundus.systems.clip_lora.model import build_clip_lora
 
     return _transformer(build_clip_lora, TINY_CLIP)
 
 
 def case_vit_lora():
-    from kfundus.models.clip_lora import build_vit
+    from kfundus.systems.clip_lora.model import build_vit
 
     return _transformer(build_vit, TINY_VIT)
 
@@ -71,9 +72,9 @@ def case_vit_lora():
 def case_dual_stream():
     import keras
 
-    from kfundus.losses import WeightedLabelSmoothingLoss
-    from kfundus.models.dual_stream import build_dual_stream
-    from kfundus.multitask import QuadraticWeightedKappa
+    from kfundus.systems.dual_stream.wlsr import WeightedLabelSmoothingLoss
+    from kfundus.systems.dual_stream.model import build_dual_stream
+    from kfundus.systems.dual_stream.objective import QuadraticWeightedKappa
 
     grades = np.random.default_rng(2).integers(0, 4, N)
     y = keras.utils.to_categorical(grades, 4).astype("float32")
@@ -83,7 +84,8 @@ def case_dual_stream():
 
 
 def case_retclip():
-    from kfundus.models.retclip import TINY_TEXT, build_retclip, retclip_losses
+    from kfundus.systems.retclip.model import TINY_TEXT, build_retclip
+    from kfundus.systems.retclip.objective import retclip_objective
 
     vocab, length = 40, 10
     rng = np.random.default_rng(3)
@@ -94,7 +96,8 @@ def case_retclip():
               "padding_mask": mask}
     model = build_retclip(image_size=SIZE, vocabulary_size=vocab, sequence_length=length,
                           vision_config=TINY_CLIP, text_config=TINY_TEXT, embed_dim=16)
-    loss, weights, metrics = retclip_losses()
+    objective = retclip_objective()
+    loss, metrics = objective.loss, objective.metrics
     targets = {b: np.arange(N, dtype="int32") for b in loss}  # row i matches column i
     return model, inputs, targets, loss, metrics
 
@@ -105,9 +108,11 @@ CASES = {"efficientnet_b0": case_efficientnet, "clip_lora": case_clip_lora, "vit
 
 def standalone_losses() -> dict:
     """Every kfundus loss and metric on fixed (y_true, y_pred): backend-computed values."""
-    from kfundus.losses import ShadowLoss, WeightedBinaryCrossentropy, WeightedLabelSmoothingLoss
-    from kfundus.models.retclip import SymmetricInfoNCE
-    from kfundus.multitask import QuadraticWeightedKappa
+    from kfundus.losses import WeightedBinaryCrossentropy
+    from kfundus.systems.clip_lora.shadow_loss import ShadowLoss
+    from kfundus.systems.dual_stream.wlsr import WeightedLabelSmoothingLoss
+    from kfundus.systems.retclip.loss import SymmetricInfoNCE
+    from kfundus.systems.dual_stream.objective import QuadraticWeightedKappa
 
     rng = np.random.default_rng(7)
     y = multilabel()
@@ -133,7 +138,7 @@ def standalone_losses() -> dict:
 
 def layers() -> dict:
     """kfundus layers on their own: EndTokenPooling, TripartiteLogits (RET-CLIP)."""
-    from kfundus.models.retclip import EndTokenPooling, TripartiteLogits
+    from kfundus.systems.retclip.model import EndTokenPooling, TripartiteLogits
 
     rng = np.random.default_rng(8)
     tokens = rng.normal(size=(N, 10, 6)).astype("float32")

@@ -12,7 +12,7 @@ The challenge ships, per task::
 folder holding exactly one such table anywhere below it, detects the image and label
 columns, and returns a ``"binary"`` Manifest. CGI-HRDC has no patient ids: each image is
 its own patient unless ``patient_column`` names one. Any other binary CSV goes through
-``kfundus.data.sources.read_csv(..., task="binary", label_columns=[...])`` (source ``csv``).
+``kfundus.data.readers.read_csv(..., task="binary", label_columns=[...])`` (source ``csv``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,17 @@ import numpy as np
 import pandas as pd
 
 from kfundus.data.manifest import Manifest
+from kfundus.data.readers.table import (
+    IMAGE_EXTENSIONS,
+    absolute_paths,
+    check_image_files,
+    default_image_dir,
+    image_file_names,
+    int_column,
+    read_table,
+    require_columns,
+    require_unique,
+)
 from kfundus.errors import DataError
 
 IMAGE_COLUMNS = ("Image", "image", "Image name", "Image Name", "filename", "file", "id")
@@ -45,10 +56,8 @@ def find_hrdc_table(folder: Path) -> Path:
 
 
 def _pick(df, given, candidates, path, what, option):
-    from kfundus.data.sources import _require_columns
-
     if given is not None:
-        _require_columns(df, [given], path, f"Fix {option}=.")
+        require_columns(df, [given], path, f"Fix {option}=.")
         return given
     lower = {c.lower(): c for c in df.columns}
     found = [lower[c.lower()] for c in candidates if c.lower() in lower]
@@ -72,19 +81,15 @@ def read_hrdc(path, image_dir=None, *, image_column=None, label_column=None, pat
             for task 1, ``Hypertensive Retinopathy`` for task 2), else the one column
             left besides the image (and patient) column.
         patient_column: a column of patient ids (default: each image its own patient).
-        check_files, skip_missing: as in :func:`kfundus.data.sources.read_odir`.
+        check_files, skip_missing: as in :func:`kfundus.data.readers.read_odir`.
 
     Image names without an extension get the first of ``.png, .jpg, .jpeg, .tif`` that
     exists. Labels must be 0/1: any other value stops with its row and column.
     """
-    # the table helpers of sources (imported here: sources registers this reader)
-    from kfundus.data.sources import (IMAGE_EXTENSIONS, _abs, _check_files, _default_dir, _image_names, _ints,
-                                      _read_table, _require_columns, _unique)
-
     path = Path(path)
     if path.is_dir():
         path = find_hrdc_table(path)
-    df = _read_table(path)
+    df = read_table(path)
     if df.empty:
         raise DataError(f"{path} has no data rows")
     image_col = _pick(df, image_column, IMAGE_COLUMNS, path, "image", "image_column")
@@ -96,20 +101,20 @@ def read_hrdc(path, image_dir=None, *, image_column=None, label_column=None, pat
         label_column = rest[0]
     label_col = _pick(df, label_column, LABEL_COLUMNS, path, "label", "label_column")
     if patient_column is not None:
-        _require_columns(df, [patient_column], path, "Fix patient_column=.")
+        require_columns(df, [patient_column], path, "Fix patient_column=.")
     names = df[image_col].astype(str)
-    _unique(names, path, image_col)
-    y = _ints(df, label_col, path)
+    require_unique(names, path, image_col)
+    y = int_column(df, label_col, path)
     folders = [str((path.parent / f).resolve()) for f in IMAGE_FOLDERS]
-    probe = _image_names(names[:1], (".png", ".jpg", ".jpeg", ".tif"), path.parent, False)
-    image_dir = _default_dir(image_dir, path.parent, folders, probe)
-    files = _image_names(names, (".png", ".jpg", ".jpeg", ".tif"), image_dir, check_files)
+    probe = image_file_names(names[:1], (".png", ".jpg", ".jpeg", ".tif"), path.parent, False)
+    image_dir = default_image_dir(image_dir, path.parent, folders, probe)
+    files = image_file_names(names, (".png", ".jpg", ".jpeg", ".tif"), image_dir, check_files)
     bad = [n for n in files if not n.lower().endswith(IMAGE_EXTENSIONS)]
     if bad:
         raise DataError(f"{path}, column {image_col!r}: {bad[0]!r} is not an image name")
     frame = pd.DataFrame({
-        "image": _abs(image_dir, files),
+        "image": absolute_paths(image_dir, files),
         "patient_id": (df[patient_column] if patient_column else names).to_numpy(),
         "eye": "", label_col: y, "_row": np.arange(len(df)) + 2})
-    frame, skipped = _check_files(frame, path, ["image"], check_files, skip_missing, image_dir)
+    frame, skipped = check_image_files(frame, path, ["image"], check_files, skip_missing, image_dir)
     return Manifest(frame, [label_col], "binary", "hrdc", skipped)

@@ -7,7 +7,7 @@ and writes them in the layouts of public datasets (ODIR-5K, RFMiD) so that the r
 are exercised. numpy and Pillow only; a 128 px image takes about 6 ms on one core.
 
 The drawing itself (anatomy, lesions, their masks, the conventions for laterality and
-sizes) is ``kfundus.data.fundus_render.render_eye``.
+sizes) is ``kfundus.data.synthetic.render.render_eye``.
 
 Example:
 
@@ -17,15 +17,13 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from kfundus.data.fundus_render import DISEASES, render_eye
+from kfundus.data.synthetic.render import DISEASES, eye_seed, render_eye
 from kfundus.errors import DataError
 from kfundus.labels import RFMID_46, ODIR_LABELS, odir_keywords_to_labels, odir_patient_labels
 
@@ -109,11 +107,6 @@ def _save_masks(path, masks):
     np.savez_compressed(path, **masks)
 
 
-def _eye_seed(*keys):
-    """An image's seed from the dataset seed and its position (independent streams)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
-
-
 def make_odir(out_dir, *, n_patients=100, size=128, seed=0, prevalence=None, aspect=1.0,
               jpeg_quality=92, write_masks=True) -> Path:
     """Write a synthetic dataset in the ODIR-5K layout.
@@ -150,7 +143,7 @@ def make_odir(out_dir, *, n_patients=100, size=128, seed=0, prevalence=None, asp
         sex = ("Male", "Female")[int(rng.integers(2))]
         for side, found in zip(("left", "right"), findings):
             image, masks = render_eye(found, size=size, eye=side, aspect=aspect, dr_grade=grade,
-                                      seed=_eye_seed(seed, pid, side == "right"))
+                                      seed=eye_seed(seed, pid, side == "right"))
             Image.fromarray(image).save(out_dir / "images" / f"{pid}_{side}.jpg",
                                         quality=jpeg_quality)
             if write_masks:
@@ -197,7 +190,7 @@ def make_rfmid(out_dir, *, n_images=60, size=128, seed=0, split_fractions=(0.6, 
             found = _draw_findings(rng, prevalence)[int(rng.integers(2))]
             side = "left" if rng.random() < 0.5 else "right"
             image, masks = render_eye(found, size=size, eye=side, aspect=aspect,
-                                      seed=_eye_seed(seed, 7, number, image_id))
+                                      seed=eye_seed(seed, 7, number, image_id))
             Image.fromarray(image).save(out_dir / split / f"{image_id}.png")
             columns = {c: masks[k] for k in found for c in RFMID_MAP[k]}
             if write_masks:
@@ -247,7 +240,7 @@ def make_dr(out_dir, *, n_patients=100, size=128, seed=0, shares=DR_GRADE_SHARES
         second = int(np.clip(first + rng.integers(-1, 2), 0, 4)) if rng.random() < 0.5 else first
         for side, grade in zip(("left", "right"), (first, second)):
             image = render_dr_grade(grade, size=size, eye=side, aspect=aspect,
-                                    seed=_eye_seed(seed, 30, pid, side == "right"))
+                                    seed=eye_seed(seed, 30, pid, side == "right"))
             Image.fromarray(image).save(out_dir / "train" / f"{pid}_{side}.jpeg", quality=jpeg_quality)
             rows.append({"image": f"{pid}_{side}", "level": grade})
     pd.DataFrame(rows).to_csv(out_dir / "trainLabels.csv", index=False)
@@ -278,59 +271,3 @@ def load_masks(out_dir, image_path) -> dict[str, np.ndarray]:
                         "with masks (write_masks=True; the CLI without --no-masks)")
     with np.load(mask_path) as data:
         return {key: data[key].astype(bool) for key in data.files}
-
-
-def main(argv=None) -> int:
-    """Command line: ``python -m kfundus.data.synthetic --layout odir --out DIR``."""
-    parser = argparse.ArgumentParser(prog="python -m kfundus.data.synthetic", description=(
-        "Write a synthetic fundus dataset with learnable lesions in a public layout."))
-    add = parser.add_argument
-    add("--layout", choices=["odir", "rfmid", "oct", "dr", "hrdc"], default="odir",
-        help="oct: Kermany OCT B-scans (greyscale); dr: EyePACS DR grades 0-4; hrdc: CGI-HRDC hypertension")
-    add("--out", required=True, help="folder to write")
-    add("--patients", type=int, default=100, help="ODIR, dr: patients (2 images each); oct: patients")
-    add("--images", type=int, default=60, help="RFMiD: images over all splits")
-    add("--size", type=int, default=128, help="image height in pixels")
-    add("--aspect", type=float, default=1.0, help="width / height (>= 1)")
-    add("--seed", type=int, default=0)
-    add("--no-masks", action="store_true", help="do not write lesion masks")
-    args = parser.parse_args(argv)
-    if args.size < 16 or args.aspect < 1 or min(args.patients, args.images) < 1:
-        parser.error("--size must be >= 16, --aspect >= 1, --patients and --images >= 1")
-    if args.layout == "oct":  # Kermany OCT layout (kfundus.data.synthetic_oct)
-        from kfundus.data.synthetic_oct import make_oct
-
-        out = make_oct(args.out, n_patients=args.patients, size=args.size, seed=args.seed, aspect=args.aspect)
-        counts = {f"{p.parent.name}/{p.name}": len(list(p.glob("*.jpeg"))) for p in sorted(out.glob("*/*"))}
-        print(f"wrote synthetic OCT B-scans (Kermany layout) to {out}: {counts}")
-        return 0
-    if args.layout == "hrdc":  # CGI-HRDC layout, --images images (kfundus.data.synthetic_hr)
-        from kfundus.data.synthetic_hr import make_hrdc
-
-        out = make_hrdc(args.out, n_images=args.images, size=args.size, seed=args.seed)
-        print(f"wrote {args.images} images (CGI-HRDC layout) to {out}: 1-Images/, 2-Groundtruths/")
-        return 0
-    if args.layout == "dr":
-        out = make_dr(args.out, n_patients=args.patients, size=args.size, seed=args.seed, aspect=args.aspect)
-        grades = pd.read_csv(out / "trainLabels.csv")["level"].value_counts().sort_index().to_dict()
-        print(f"wrote {2 * args.patients} eyes (EyePACS layout) to {out}: trainLabels.csv, train/; grades {grades}")
-        return 0
-    common = dict(size=args.size, seed=args.seed, aspect=args.aspect, write_masks=not args.no_masks)
-    masks = "" if args.no_masks else ", masks/"
-    if args.layout == "odir":
-        out = make_odir(args.out, n_patients=args.patients, **common)
-        table = pd.read_csv(out / "annotation.csv")
-        print(f"wrote {len(table)} patients ({2 * len(table)} images, ODIR layout) to {out}: "
-              f"annotation.csv, images/{masks}\npatients per label: "
-              + ", ".join(f"{k} {int(table[k].sum())}" for k in ODIR_LABELS))
-        return 0
-    out = make_rfmid(args.out, n_images=args.images, **common)
-    for split in RFMID_SPLITS:
-        table = pd.read_csv(out / f"RFMiD_{split}_Labels.csv")
-        positive = {c: int(table[c].sum()) for c in RFMID_46 if table[c].sum()}
-        print(f"wrote {len(table)} images to {out / split}, RFMiD_{split}_Labels.csv{masks}: {positive}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,9 +3,9 @@
 The CGI-HRDC 2023 challenge ships ``1-Images/1-Training Set/<name>.png`` and
 ``2-Groundtruths/HRDC Hypertensive Classification Training Labels.csv`` (columns
 ``Image,Hypertensive``; task 2 names its column ``Hypertensive Retinopathy``). This module
-writes that layout with images from :func:`kfundus.data.fundus_render.render_eye`.
+writes that layout with images from :func:`kfundus.data.synthetic.render.render_eye`.
 
-The task is built so that the transfer protocols separate (``kfundus.transfer``'s tests):
+The task is built so that the transfer protocols separate (the transfer study's tests):
 
 - a hypertensive eye has the renderer's hypertensive findings (``"H"``: narrowed,
   straightened arteries from ``_vessel_tree(hypertensive=True)``, copper-wire reflex,
@@ -31,8 +31,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from kfundus.data.fundus_render import _blend, _Eye, _polar, render_eye
-from kfundus.data.synthetic import _eye_seed
+from kfundus.data.synthetic.render import Eye, blend, eye_seed, polar, render_eye
 
 HRDC_IMAGES = Path("1-Images") / "1-Training Set"
 HRDC_LABELS = Path("2-Groundtruths") / "HRDC Hypertensive Classification Training Labels.csv"
@@ -42,7 +41,7 @@ NUISANCE = ("C", "M", "A")
 def _patches(geo, centre, rng, count, rmin, rmax):
     """Soft pale patches (alpha) around ``centre``, radius 0.07-0.1 FOV radii."""
     image, draw = geo.canvas()
-    for point in _polar(rng, centre, rmin, rmax, count):
+    for point in polar(rng, centre, rmin, rmax, count):
         geo.dot(draw, point, rng.uniform(0.07, 0.1), rng.uniform(0.7, 1.3))
     return geo.alpha(image, blur=0.01)
 
@@ -56,14 +55,14 @@ def render_hr_eye(hypertensive: bool, *, size=64, eye="right", seed=0, nuisance=
     elif rng.random() < decoy_flames:
         findings.add("D")  # red lesions near the macula: the decoy of the flame haemorrhages
     image, _ = render_eye(findings, size=size, eye="right", seed=seed)
-    # the renderer's geometry: _Eye is the first draw of its "base" stream
-    geo = _Eye(np.random.default_rng([seed, 0]), size, 1.0)
+    # the renderer's geometry: Eye is the first draw of its "base" stream
+    geo = Eye(np.random.default_rng([seed, 0]), size, 1.0)
     img = image.astype(np.float32) / 255.0
     illum = np.clip(1 - 0.35 * geo.rho**2.2, 0, 1)
     count = int(rng.integers(3, 6))
     centre, rmin, rmax = (geo.disc, geo.rd + 0.05, geo.rd + 0.3) if hypertensive else (geo.macula, 0.05, 0.3)
     alpha = _patches(geo, centre, rng, count, rmin, rmax)
-    _blend(img, illum, alpha * geo.fov, (0.97, 0.95, 0.86), 0.9)
+    blend(img, illum, alpha * geo.fov, (0.97, 0.95, 0.86), 0.9)
     img *= rng.uniform(0.75, 1.2)  # exposure
     out = (np.clip(img * geo.fov[..., None], 0, 1) * 255 + 0.5).astype(np.uint8)
     return np.ascontiguousarray(out[:, ::-1]) if eye == "left" else out
@@ -97,7 +96,7 @@ def make_hrdc(out_dir, *, n_images=200, size=64, seed=0, prevalence=0.5, eyes="r
     rows = []
     for i, label in enumerate(labels):
         side = "right" if eyes == "right" else str(rng.choice(["left", "right"]))
-        image = render_hr_eye(bool(label), size=size, eye=side, seed=_eye_seed(seed, 70, i), nuisance=nuisance,
+        image = render_hr_eye(bool(label), size=size, eye=side, seed=eye_seed(seed, 70, i), nuisance=nuisance,
                               decoy_flames=decoy_flames)
         name = f"{i:05d}.png"
         Image.fromarray(image).save(out_dir / HRDC_IMAGES / name)

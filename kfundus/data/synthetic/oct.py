@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from kfundus.data.synthetic import _eye_seed
+from kfundus.data.synthetic.render import eye_seed
 
 
 # Retinal layers between the inner limiting membrane (t = 0) and the top of the retinal
@@ -121,7 +121,7 @@ def make_oct(out_dir, *, n_patients=40, images_per_patient=2, size=128, seed=0, 
             folder = out_dir / split / label
             folder.mkdir(parents=True, exist_ok=True)
             for k in range(1, images_per_patient + 1):
-                image = render_bscan(label, size=size, seed=_eye_seed(seed, 40, int(p), k), aspect=aspect)
+                image = render_bscan(label, size=size, seed=eye_seed(seed, 40, int(p), k), aspect=aspect)
                 Image.fromarray(image, mode="L").save(folder / f"{label}-{1000001 + int(p)}-{k}.jpeg",
                                                       quality=jpeg_quality)
     return out_dir

@@ -38,7 +38,7 @@ _SS = 2  # supersampling of drawn shapes (anti-aliasing)
 _STEP = 0.025  # vessel walk step, in FOV radii
 
 
-class _Eye:
+class Eye:
     """Pixel grid and anatomy in the canonical frame: a right eye, unrotated, FOV radius 1,
     ``u`` to the right (nasal) and ``v`` down."""
 
@@ -90,13 +90,13 @@ def _smooth_noise(rng, eye, cells=6):
     return np.asarray(Image.fromarray(small).resize((eye.w, eye.h), Image.BICUBIC))
 
 
-def _polar(rng, centre, rmin, rmax, n):
+def polar(rng, centre, rmin, rmax, n):
     """n points around centre at radii in [rmin, rmax] (uniform over the area)."""
     t, rr = rng.uniform(0, 2 * np.pi, n), np.sqrt(rng.uniform(rmin**2, rmax**2, n))
     return np.asarray(centre) + np.stack([rr * np.cos(t), rr * np.sin(t)], 1)
 
 
-def _blend(img, illum, alpha, colour, strength=1.0):
+def blend(img, illum, alpha, colour, strength=1.0):
     """Paint a colour (shaded by the illumination) through an alpha map, in place."""
     a = (alpha * strength)[..., None]
     img *= 1 - a
@@ -177,12 +177,12 @@ def _diabetic(rng, eye, grade):
     grade = int(rng.integers(1, 4)) if grade is None else int(grade)
     n_ma, n_blot, n_cluster = [(8, 3, 1), (12, 5, 2), (18, 8, 3)][grade - 1]
     red, draw = eye.canvas()
-    for centre in _polar(rng, eye.macula, 0.05, 0.75, n_ma + int(rng.integers(0, 5))):
+    for centre in polar(rng, eye.macula, 0.05, 0.75, n_ma + int(rng.integers(0, 5))):
         eye.dot(draw, centre, 0.014)
-    for centre in _polar(rng, eye.macula, 0.05, 0.7, n_blot):
+    for centre in polar(rng, eye.macula, 0.05, 0.7, n_blot):
         eye.dot(draw, centre, rng.uniform(0.035, 0.06), rng.uniform(0.7, 1.3))
     yellow, draw = eye.canvas()
-    for centre in _polar(rng, eye.macula, 0.12, 0.4, n_cluster):
+    for centre in polar(rng, eye.macula, 0.12, 0.4, n_cluster):
         for speck in centre + rng.normal(0, 0.045, (int(rng.integers(5, 13)), 2)):
             eye.dot(draw, speck, rng.uniform(0.018, 0.032))
     return eye.alpha(red), eye.alpha(yellow)
@@ -217,7 +217,7 @@ def _scar(rng, eye):
     """A chorioretinal scar away from the disc: a pale irregular patch (alpha) and dark
     pigment clumps over it (alpha)."""
     radius = rng.uniform(0.1, 0.16)
-    candidates = _polar(rng, (0, 0), 0.25, 0.8 - radius, 16)
+    candidates = polar(rng, (0, 0), 0.25, 0.8 - radius, 16)
     centre = candidates[np.argmax(np.hypot(*(candidates - eye.disc).T) > eye.rd + radius + 0.1)]
     s = np.linspace(0, 2 * np.pi, 16, endpoint=False)
     rr = radius * (1 + 0.25 * rng.uniform(-1, 1, 16))
@@ -255,7 +255,7 @@ def _cataract(rng, eye, img, illum):
     mean = img[eye.rho <= 1].mean(0)
     img = mean + (img - mean) * contrast
     amount = veil * (0.75 + 0.25 * _smooth_noise(rng, eye, 4)) * (1 - 0.3 * np.minimum(eye.rho, 1) ** 2)
-    _blend(img, illum, np.clip(amount, 0, 1), (0.9, 0.82, 0.66))
+    blend(img, illum, np.clip(amount, 0, 1), (0.9, 0.82, 0.66))
     return img
 
 
@@ -284,7 +284,7 @@ def render_eye(findings=(), *, size=128, eye="left", seed=0, aspect=1.0, dr_grad
         raise ValueError(f"eye must be 'left' or 'right' (got {eye!r}), aspect >= 1 (got {aspect})")
     rngs = {k: np.random.default_rng([seed, i]) for i, k in enumerate(["base", *DISEASES, "noise"])}
     rng = rngs["base"]
-    geo = _Eye(rng, size, aspect)
+    geo = Eye(rng, size, aspect)
     fov, masks = geo.rho <= 1, {}
     # background: reddish-orange, vignetting, an illumination gradient, choroidal texture
     base = np.array([rng.uniform(.72, .92), rng.uniform(.28, .42), rng.uniform(.08, .18)], np.float32)
@@ -295,18 +295,18 @@ def render_eye(findings=(), *, size=128, eye="left", seed=0, aspect=1.0, dr_grad
     if "M" in findings:
         dark, crescent = _myopia(rngs["M"], geo)
         img *= 1 - 0.42 * dark[..., None] * np.array([0.45, 0.65, 0.55], np.float32)
-        _blend(img, illum, crescent, (0.97, 0.86, 0.68), 0.9)
+        blend(img, illum, crescent, (0.97, 0.86, 0.68), 0.9)
         masks["M"] = fov
     macula = np.exp(-np.hypot(geo.u - geo.macula[0], geo.v - geo.macula[1]) ** 2 / (2 * 0.14**2))
     img *= 1 - macula[..., None] * np.array([0.3, 0.45, 0.35], np.float32)
     if "A" in findings:
         alpha = _drusen(rngs["A"], geo)
-        _blend(img, illum, alpha, (1.0, 0.88, 0.5), 0.85)
+        blend(img, illum, alpha, (1.0, 0.88, 0.5), 0.85)
         masks["A"] = alpha > 0.3
     if "O" in findings:
         pale, pigment = _scar(rngs["O"], geo)
-        _blend(img, illum, pale, (0.93, 0.82, 0.62), 0.85)
-        _blend(img, illum, pigment, (0.08, 0.05, 0.04), 0.95)
+        blend(img, illum, pale, (0.93, 0.82, 0.62), 0.85)
+        blend(img, illum, pigment, (0.08, 0.05, 0.04), 0.95)
         masks["O"] = (pale > 0.3) | (pigment > 0.3)
     # optic disc and its cup (slightly temporal in the disc)
     du, dv = (geo.u - geo.disc[0]) / geo.rd, (geo.v - geo.disc[1]) / (geo.rd * geo.disc_aspect)
@@ -315,21 +315,21 @@ def render_eye(findings=(), *, size=128, eye="left", seed=0, aspect=1.0, dr_grad
     if "G" in findings:
         cdr, masks["G"] = rngs["G"].uniform(0.7, 0.9), e <= 1
     cup = np.clip((cdr - np.hypot(du + 0.1, dv)) / 0.12 + 0.5, 0, 1) * disc
-    _blend(img, illum, disc, (1.0, 0.74, 0.46))
-    _blend(img, np.ones_like(illum), cup, (1.0, 0.94, 0.8))
+    blend(img, illum, disc, (1.0, 0.74, 0.46))
+    blend(img, np.ones_like(illum), cup, (1.0, 0.94, 0.8))
     veins, arteries = _draw_vessels(geo, vessels)
     img *= 1 - veins[..., None] * (1 - np.array([0.5, 0.3, 0.42], np.float32))
     if "H" in findings:  # narrowed arteries with a copper-wire light reflex
-        _blend(img, illum, arteries, (1.0, 0.62, 0.42), 0.7)
+        blend(img, illum, arteries, (1.0, 0.62, 0.42), 0.7)
         flames = _flames(rngs["H"], geo)
-        _blend(img, illum, flames, (0.5, 0.07, 0.05), 0.9)
+        blend(img, illum, flames, (0.5, 0.07, 0.05), 0.9)
         masks["H"] = (flames > 0.3) | (arteries > 0.15)
     else:
         img *= 1 - arteries[..., None] * (1 - np.array([0.78, 0.5, 0.55], np.float32))
     if "D" in findings:
         red, yellow = _diabetic(rngs["D"], geo, dr_grade)
-        _blend(img, illum, red, (0.45, 0.05, 0.04), 0.95)
-        _blend(img, illum, yellow, (1.0, 0.95, 0.5), 0.95)
+        blend(img, illum, red, (0.45, 0.05, 0.04), 0.95)
+        blend(img, illum, yellow, (1.0, 0.95, 0.5), 0.95)
         masks["D"] = (red > 0.3) | (yellow > 0.3)
     if "C" in findings:
         img = _cataract(rngs["C"], geo, img, illum)
@@ -341,3 +341,8 @@ def render_eye(findings=(), *, size=128, eye="left", seed=0, aspect=1.0, dr_grad
         image = np.ascontiguousarray(image[:, ::-1])
         masks = {k: np.ascontiguousarray(m[:, ::-1]) for k, m in masks.items()}
     return image, masks
+
+
+def eye_seed(*keys) -> int:
+    """An image's seed from the dataset seed and its position (independent streams)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])

@@ -14,8 +14,6 @@ freezes every other weight of the encoder, biases included (PEFT's ``bias="none"
   names, shapes and LoRA settings against the model and reproduces its outputs exactly.
 - ``merge_lora(model)``: a plain copy with ``(alpha / r) A @ B`` folded into each kernel
   (what ``model.save`` writes: Keras merges LoRA on save), for export.
-- ``AdapterCheckpoint``: a callback that writes the adapters whenever the monitored
-  validation metric improves (the same rule as the best-model checkpoint).
 
 Keras' LoRA on an ``EinsumDense`` keeps every kernel axis but the last in its ``A``
 factor. For the attention output projection (kernel ``heads x head_dim x hidden``) this is
@@ -274,34 +272,3 @@ def merge_lora(model: keras.Model) -> keras.Model:
             if getattr(layer, "lora_enabled", False) and np.any(keras.ops.convert_to_numpy(layer.lora_kernel_b)):
                 raise ConfigError(f"merging LoRA left non-zero factors in {layer.path}")
     return merged
-
-
-class AdapterCheckpoint(keras.callbacks.Callback):
-    """Write the adapters to ``path`` whenever ``monitor`` improves (like the best-model
-    checkpoint, so the adapter file matches ``best.keras``).
-
-    Args:
-        path: the ``.npz`` file to write.
-        monitor: a validation metric in the epoch logs (``val_probabilities_auroc``).
-        metadata: extra entries for the file (config, labels).
-
-    Example:
-
-    >>> model.fit(ds, callbacks=[AdapterCheckpoint("runs/x/adapters.npz")])  # doctest: +SKIP
-    """
-
-    def __init__(self, path, monitor: str = "val_probabilities_auroc", metadata: dict | None = None):
-        super().__init__()
-        self.path, self.monitor, self.metadata = Path(path), monitor, metadata
-        self.mode = "min" if "loss" in monitor else "max"
-        self.best = None
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is None:
-            return
-        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
-        if better:
-            self.best = float(value)
-            save_adapters(self.model, self.path, {**(self.metadata or {}), "epoch": epoch + 1,
-                                                  self.monitor: float(value)})

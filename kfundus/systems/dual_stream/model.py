@@ -1,5 +1,4 @@
-"""Dual-stream SeparableConv2D / Conv2D multi-task network (Kaloi et al., iCoMET 2023;
-SPECS.md section 3).
+"""Dual-stream SeparableConv2D / Conv2D multi-task network (Kaloi et al., iCoMET 2023).
 
 Two streams read the same normalised image: one of ``SeparableConv2D`` blocks (depthwise
 then pointwise: cheap, many channels), one of plain ``Conv2D`` blocks. Block ``i`` of

@@ -1,4 +1,4 @@
-"""Multi-task training of named heads from one label table (SPECS.md section 3).
+"""The dual-stream system's objective: multi-task training of named heads from one label table.
 
 One dataset label matrix ``y`` (the manifest's one-hot classes) feeds several heads:
 
@@ -7,7 +7,7 @@ One dataset label matrix ``y`` (the manifest's one-hot classes) feeds several he
 - the **abnormal head**, when ``model.options.normal_class`` names a class (``no_dr``,
   ``NORMAL``), gets ``1 - y[:, normal_class]``: normal vs abnormal (TF1, TO2).
 
-``dual_stream_objective`` turns a config into the ``kfundus.training.Objective`` of such a
+``dual_stream_objective`` turns a config into the ``kfundus.objectives.Objective`` of such a
 model: per-head losses (``train.loss``: ``wlsr``, Keras' ``label_smoothing`` or plain
 cross-entropy ``bce``), per-head loss weights, per-head metrics (accuracy, macro F1,
 AUROC, and the quadratic weighted kappa ``qwk`` for DR grades) and the target builder.
@@ -17,87 +17,27 @@ Loss parameters come from ``train.loss_options``:
     weighting: inverse      # wlsr class weights: inverse (N / (K n_k)), sqrt_inverse, none
     weight_cap: 10.0        # upper bound of a class weight
     weight_by: sample       # wlsr: weight each sample by its class (sample) or each class term
-                            # (class, the form SPECS.md writes; see WeightedLabelSmoothingLoss)
+                            # (class: each class term weighted; see WeightedLabelSmoothingLoss)
     loss_weights: {dr_grade: 1.0, abnormal: 0.5}   # per head (default 1 each)
 
 Keras 3 has no Cohen's kappa metric (tensorflow-addons is gone): ``QuadraticWeightedKappa``
-is a streaming one written in ``keras.ops`` (confusion-matrix state).
+is a streaming one written in ``keras.ops`` (``kfundus.systems.dual_stream.kappa``).
 """
 
 from __future__ import annotations
 
 import keras
 import numpy as np
-from keras import ops
 
 from kfundus.errors import ConfigError
 from kfundus.labels import DR_GRADES
+from kfundus.objectives import Objective
+from kfundus.systems.dual_stream.kappa import QuadraticWeightedKappa
 
 LOSSES = ("wlsr", "label_smoothing", "bce")
 LOSS_OPTIONS = {"epsilon": 0.1, "weighting": "inverse", "weight_cap": 10.0, "weight_by": "sample",
                 "loss_weights": None}
 ABNORMAL = "abnormal"
-
-
-@keras.saving.register_keras_serializable(package="kfundus")
-class QuadraticWeightedKappa(keras.metrics.Metric):
-    """Streaming quadratic weighted Cohen's kappa of argmax predictions (ordinal grades).
-
-    Keeps the K x K confusion matrix ``O`` (rows true, columns predicted) over all batches;
-    with ``E = outer(row sums, column sums) / sum(O)`` and ``W_ij = (i - j)**2``::
-
-        kappa = 1 - sum(W * O) / sum(W * E)
-
-    which is ``sklearn.metrics.cohen_kappa_score(weights="quadratic", labels=range(K))``
-    and ``kfundus.metrics.quadratic_kappa``. Where kappa is undefined (``sum(W * E) = 0``:
-    one grade only, in both truth and prediction) the metric returns 0, not NaN, so that
-    a checkpoint monitor keeps working; scikit-learn returns NaN there.
-
-    Args:
-        num_classes: K.
-        name: metric name.
-
-    Example:
-
-    >>> m = QuadraticWeightedKappa(3)
-    >>> m.update_state([[1, 0, 0], [0, 1, 0], [0, 0, 1]], [[.8, .1, .1], [.1, .8, .1], [.1, .8, .1]])
-    >>> round(float(m.result()), 4)
-    0.8
-    """
-
-    def __init__(self, num_classes, name="qwk", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.num_classes = int(num_classes)
-        self.confusion = self.add_variable(shape=(self.num_classes, self.num_classes), initializer="zeros",
-                                           dtype="float32", name="confusion")
-
-    def _indices(self, y):
-        y = ops.convert_to_tensor(y)
-        if len(y.shape) >= 2 and y.shape[-1] == self.num_classes:
-            return ops.argmax(y, axis=-1)
-        return ops.cast(ops.reshape(y, (-1,)), "int32")
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        t = ops.one_hot(self._indices(y_true), self.num_classes, dtype="float32")
-        p = ops.one_hot(self._indices(y_pred), self.num_classes, dtype="float32")
-        if sample_weight is not None:
-            t = t * ops.reshape(ops.cast(sample_weight, "float32"), (-1, 1))
-        self.confusion.assign_add(ops.matmul(ops.transpose(t), p))
-
-    def result(self):
-        o = self.confusion
-        k = ops.arange(self.num_classes, dtype="float32")
-        w = ops.square(k[:, None] - k[None, :])
-        total = ops.maximum(ops.sum(o), 1.0)
-        e = ops.sum(o, axis=1)[:, None] * ops.sum(o, axis=0)[None, :] / total
-        expected = ops.sum(w * e)
-        return ops.where(expected > 0, 1.0 - ops.sum(w * o) / ops.maximum(expected, 1e-12), 0.0)
-
-    def reset_state(self):
-        self.confusion.assign(ops.zeros((self.num_classes, self.num_classes), dtype="float32"))
-
-    def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes}
 
 
 # ---------------------------------------------------------------------------
@@ -163,7 +103,8 @@ def loss_options(options) -> dict:
 
 def head_loss(name: str, task: str, targets: np.ndarray, options: dict):
     """The loss of one head from its training targets (``(N, K)`` one-hot or ``(N, L)`` 0/1)."""
-    from kfundus.losses import WeightedLabelSmoothingLoss, class_weights
+    from kfundus.losses import class_weights
+    from kfundus.systems.dual_stream.wlsr import WeightedLabelSmoothingLoss
 
     eps = float(options["epsilon"])
     if name not in LOSSES:
@@ -187,8 +128,6 @@ def head_loss(name: str, task: str, targets: np.ndarray, options: dict):
 
 def dual_stream_objective(config, manifest, train_targets):
     """The Objective of ``model.name: dual_stream`` (see the module docstring)."""
-    from kfundus.training import Objective
-
     model_options = config.model.options or {}
     primary = model_options.get("primary_head", "classes")
     normal = model_options.get("normal_class")

@@ -1,4 +1,4 @@
-"""EfficientNet-B0 classifiers (Dharsan et al.; SPECS.md section 4).
+"""EfficientNet-B0 classifiers (Dharsan et al.).
 
 The backbone is Keras' ``EfficientNetB0`` nested inside the classifier as one layer named
 ``efficientnetb0`` (its last convolutional activation is ``top_activation``, the Grad-CAM
@@ -25,7 +25,7 @@ import keras
 import numpy as np
 
 from kfundus.errors import ConfigError
-from kfundus.models.contrast import LocalContrast
+from kfundus.systems.efficientnet.contrast import LocalContrast
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STDDEV = [0.229, 0.224, 0.225]
@@ -137,7 +137,7 @@ def build_efficientnet_b0(
         bn_momentum: BatchNorm momentum of the backbone (None: Keras' 0.99). A very short
             from-scratch schedule may want 0.9 so the moving statistics keep up.
         local_contrast: put Ben Graham's local colour normalisation in front of the backbone
-            (``kfundus.models.contrast.LocalContrast``, sigma = image_size / 60), so
+            (``kfundus.systems.efficientnet.contrast.LocalContrast``, sigma = image_size / 60), so
             SavedModel and TFLite apply it too. Off by default: ImageNet weights expect
             plain photographs.
 

@@ -1,5 +1,5 @@
 """RET-CLIP: a retinal image-text model with the tripartite contrastive loss (Du et al.,
-MICCAI 2024; SPECS.md section 2).
+MICCAI 2024).
 
 The model::
 
@@ -14,7 +14,7 @@ The model::
 
 ``V`` is one keras-hub ``CLIPVisionEncoder`` shared by both eyes (its weights from a preset
 name, a local preset folder, or random from ``vision_config``: see
-``kfundus.models.clip_lora.load_encoder``), with CLIP's input normalisation as a layer in
+``kfundus.systems.clip_lora.encoders.load_encoder``), with CLIP's input normalisation as a layer in
 front, so images enter as float32 RGB in [0, 255] like everywhere in kfundus. ``W_*`` are
 bias-free ``Dense`` projections (512 -> 512 and 1024 -> 512 at ViT-B sizes). ``T`` is a
 keras-hub ``CLIPTextEncoder`` (random from ``text_config``, or the text tower of a CLIP
@@ -28,12 +28,12 @@ Choices where the paper leaves room:
   for any tokenizer, unlike CLIP's "largest token id" trick;
 - the logit scales start at 1/0.07 (CLIP) and are clamped at 100 in the forward pass;
 - the training model outputs the three (batch, batch) logit matrices, named ``left``,
-  ``right`` and ``patient``, and ``model.fit`` trains them with ``SymmetricInfoNCE`` and loss
+  ``right`` and ``patient``, and the engine trains them with ``SymmetricInfoNCE`` and loss
   weights 1:1:1 (Keras sums them), so no custom train step is needed. Identical reports in a
   batch (common: "normal fundus" in both eyes) count as negatives, as in RET-CLIP.
 
 ``embedding_models(model)`` cuts the image and text towers out of a trained model for
-zero-shot classification, retrieval and linear probing (``kfundus.pretrain``).
+zero-shot classification, retrieval and linear probing (``kfundus.workflows.pretrain``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import numpy as np
 from keras import ops
 
 from kfundus.errors import ConfigError
-from kfundus.models.clip_lora import ENCODER_NAME, input_normalization, load_encoder, token_pooling
+from kfundus.systems.clip_lora.encoders import ENCODER_NAME, input_normalization, load_encoder, token_pooling
 
 BRANCHES = ("left", "right", "patient")
 TEXT_ENCODER_NAME = "text_encoder"
@@ -92,27 +92,6 @@ class TripartiteLogits(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "init_scale": self.init_scale, "max_scale": self.max_scale}
-
-
-@keras.saving.register_keras_serializable(package="kfundus")
-class SymmetricInfoNCE(keras.losses.Loss):
-    """CLIP's symmetric InfoNCE on a (batch, batch) logit matrix: the mean of the
-    image-to-text cross-entropy (rows) and the text-to-image one (columns).
-
-    ``y_true`` holds, for each row, the column of its match: ``range(batch)`` for aligned
-    image-text batches (``kfundus.pretrain`` feeds exactly that); any permutation works.
-    """
-
-    def __init__(self, name="symmetric_infonce", **kwargs):
-        super().__init__(name=name, **kwargs)
-
-    def call(self, y_true, y_pred):
-        logits = ops.cast(y_pred, "float32")
-        rows = ops.cast(ops.reshape(y_true, (-1,)), "int32")
-        cols = ops.argsort(rows)  # the row whose match is column j
-        image_to_text = keras.losses.sparse_categorical_crossentropy(rows, logits, from_logits=True)
-        text_to_image = keras.losses.sparse_categorical_crossentropy(cols, ops.transpose(logits), from_logits=True)
-        return 0.5 * (image_to_text + text_to_image)
 
 
 def load_text_encoder(weights: str | None, text_config: dict | None, vocabulary_size: int,
@@ -177,7 +156,7 @@ def build_retclip(
         vocabulary_size: the tokenizer's vocabulary size (random text encoder only).
         sequence_length: token sequence length L.
         vision_weights / vision_config: CLIP vision encoder preset name or folder / random
-            sizes (``kfundus.models.clip_lora.CLIP_B16`` keys).
+            sizes (``kfundus.systems.clip_lora.encoders.CLIP_B16`` keys).
         text_weights / text_config: text backbone preset / ``CLIPTextEncoder`` sizes.
         embed_dim: joint embedding size (512 in RET-CLIP).
         text_head_dim: hidden size of the three text MLP heads (default: the text
@@ -214,15 +193,6 @@ def build_retclip(
         unit["z_left"], unit["z_right"], unit["z_patient"], unit["t_left"], unit["t_right"], unit["t_patient"])
     outputs = {b: keras.layers.Activation("linear", name=b, dtype="float32")(logits[b]) for b in BRANCHES}
     return keras.Model([left, right, token_ids, padding_mask], outputs, name="retclip")
-
-
-def retclip_losses() -> tuple[dict, dict, dict]:
-    """(loss, loss_weights, metrics) for ``model.compile``: the tripartite loss 1:1:1 and
-    the in-batch top-1 matching accuracy of each branch."""
-    loss = {b: SymmetricInfoNCE(name=f"infonce_{b}") for b in BRANCHES}
-    weights = {b: 1.0 for b in BRANCHES}
-    metrics = {b: [keras.metrics.SparseCategoricalAccuracy(name="match_accuracy")] for b in BRANCHES}
-    return loss, weights, metrics
 
 
 def embedding_models(model: keras.Model) -> dict:
