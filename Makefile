@@ -1,6 +1,8 @@
 # make demo   — set up, generate synthetic data, train, evaluate, export (minutes on a CPU)
-# make test   — set up, run the whole test suite
+# make test   — set up, lint, build the docs (strict), run the whole test suite
 # make bench  — set up, run the benchmarks in benchmarks/ (ratios against in-run baselines)
+# make docs   — build the documentation site into site/ (make docs-serve: live preview)
+# make lint   — ruff: lint and formatting check
 # make test-backends — a second venv (.cache/venv-jax: jax[cpu] + kfundus, TensorFlow for
 #               tf.data) and the backend matrix tests/backends (TF vs JAX; torch if installed)
 PYTHON ?= python3
@@ -12,20 +14,31 @@ BVENV  ?= .cache/venv-jax
 BPY    := $(BVENV)/bin/python
 BSTAMP := $(BVENV)/.kfundus-installed
 
-.PHONY: demo test bench install clean test-backends
+.PHONY: demo test bench docs docs-serve lint install clean test-backends
 
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,docs,lint]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m kfundus demo --out demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kfundus tests benchmarks train.py evaluate.py
+	$(VENV)/bin/ruff format --check kfundus tests benchmarks train.py evaluate.py
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --quiet
+	@echo "documentation site: $(CURDIR)/site/index.html"
+
+docs-serve: $(STAMP)
+	$(VENV)/bin/mkdocs serve
+
+test: $(STAMP) lint docs
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
@@ -44,4 +57,4 @@ test-backends: $(BSTAMP)
 	KFUNDUS_BACKEND_MATRIX=1 $(BPY) -m pytest -q -s tests/backends
 
 clean:
-	rm -rf demo runs .pytest_cache
+	rm -rf demo runs site .pytest_cache
