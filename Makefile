@@ -32,11 +32,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check kfundus tests benchmarks train.py evaluate.py
 
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	@echo "documentation site: $(CURDIR)/site/index.html"
 
 docs-serve: $(STAMP)
-	$(VENV)/bin/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 test: $(STAMP) lint docs
 	$(PY) -m pytest -q tests

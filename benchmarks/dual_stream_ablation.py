@@ -47,8 +47,9 @@ def matched_width(width: int, depth: int, convs: int, stream: str, image_size: i
     from kfundus.systems.dual_stream.model import build_dual_stream
 
     def params(w, streams):
-        return build_dual_stream(5, image_size=image_size, depth=depth, width=w, convs_per_block=convs,
-                                 streams=streams, normal_class="no_dr").count_params()
+        return build_dual_stream(
+            5, image_size=image_size, depth=depth, width=w, convs_per_block=convs, streams=streams, normal_class="no_dr"
+        ).count_params()
 
     target = params(width, "both")
     low, high = 1, 8 * width  # the count grows with the width: bisect, then take the nearer
@@ -62,16 +63,26 @@ def matched_width(width: int, depth: int, convs: int, stream: str, image_size: i
 def cells(args) -> list[tuple[str, list[str], int]]:
     depth, convs = args.depth, 2
     conv_w, conv_p, dual_p = matched_width(args.width, depth, convs, "conv", args.size)
-    out = [("dual + WLSRL", ["train.loss=wlsr"], dual_p),
-           ("dual + WLSRL class-term", ["train.loss=wlsr"], dual_p),
-           ("dual + CE", ["train.loss=bce"], dual_p),
-           ("dual + Keras LS", ["train.loss=label_smoothing"], dual_p),
-           ("conv only + WLSRL", ["train.loss=wlsr", "model.options.streams=conv",
-                                  f"model.options.width={conv_w}"], conv_p)]
+    out = [
+        ("dual + WLSRL", ["train.loss=wlsr"], dual_p),
+        ("dual + WLSRL class-term", ["train.loss=wlsr"], dual_p),
+        ("dual + CE", ["train.loss=bce"], dual_p),
+        ("dual + Keras LS", ["train.loss=label_smoothing"], dual_p),
+        (
+            "conv only + WLSRL",
+            ["train.loss=wlsr", "model.options.streams=conv", f"model.options.width={conv_w}"],
+            conv_p,
+        ),
+    ]
     if args.separable:
         sep_w, sep_p, _ = matched_width(args.width, depth, convs, "separable", args.size)
-        out.append(("sep only + WLSRL", ["train.loss=wlsr", "model.options.streams=separable",
-                                         f"model.options.width={sep_w}"], sep_p))
+        out.append(
+            (
+                "sep only + WLSRL",
+                ["train.loss=wlsr", "model.options.streams=separable", f"model.options.width={sep_w}"],
+                sep_p,
+            )
+        )
     return out
 
 
@@ -93,11 +104,12 @@ def main(argv=None) -> int:
     add("--set", dest="overrides", action="append", default=[], help="more config overrides")
     args = parser.parse_args(argv)
 
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     from kfundus.config import load_config
     from kfundus.data.synthetic import make_dr
     from kfundus.evaluation import evaluate_run
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from kfundus.workflows.supervised import train
 
     name = "synthetic" if args.data == "synthetic" else Path(args.data).name
@@ -106,9 +118,17 @@ def main(argv=None) -> int:
     data = args.data
     if data == "synthetic":
         data = str(make_dr(out / "data", n_patients=args.patients, size=args.size, seed=7, shares=IMBALANCED))
-    base = [f"output_dir={out}", f"data.image_size={args.size}", f"model.options.depth={args.depth}",
-            f"model.options.width={args.width}", f"train.epochs={args.epochs}", f"train.batch_size={args.batch}",
-            f"train.learning_rate={args.lr}", "export.formats=[]", *args.overrides]
+    base = [
+        f"output_dir={out}",
+        f"data.image_size={args.size}",
+        f"model.options.depth={args.depth}",
+        f"model.options.width={args.width}",
+        f"train.epochs={args.epochs}",
+        f"train.batch_size={args.batch}",
+        f"train.learning_rate={args.lr}",
+        "export.formats=[]",
+        *args.overrides,
+    ]
     rows = []
     for cell, overrides, params in cells(args):
         if args.only and cell not in args.only:
@@ -121,15 +141,31 @@ def main(argv=None) -> int:
         run = train(config, data, run_dir=out / slug, overwrite=True)
         seconds = time.time() - start
         m = evaluate_run(run, data, split="test", gallery=False)
-        rows.append({"cell": cell, "params": params, "test_rows": m["n_samples"], "macro_f1": m["macro_f1"],
-                     "qwk": m["quadratic_kappa"], "macro_auroc": m["macro_auroc"],
-                     "balanced_accuracy": m["balanced_accuracy"],
-                     "abnormal_auroc": m["heads"]["abnormal"]["auroc"], "train_s": round(seconds)})
+        rows.append(
+            {
+                "cell": cell,
+                "params": params,
+                "test_rows": m["n_samples"],
+                "macro_f1": m["macro_f1"],
+                "qwk": m["quadratic_kappa"],
+                "macro_auroc": m["macro_auroc"],
+                "balanced_accuracy": m["balanced_accuracy"],
+                "abnormal_auroc": m["heads"]["abnormal"]["auroc"],
+                "train_s": round(seconds),
+            }
+        )
         if cell == "dual + WLSRL" and args.cross:
             x = evaluate_run(run, args.cross, split="test", gallery=False, out_dir=out / slug / "eval-cross")
-            cross = {"cross_dataset": str(args.cross), "rows": x["n_samples"], "scope": x["scope"],
-                     "qwk": x["quadratic_kappa"], "macro_f1": x["macro_f1"], "macro_auroc": x["macro_auroc"],
-                     "abnormal_auroc": x["heads"]["abnormal"]["auroc"], "confusion": x["confusion_matrix"]}
+            cross = {
+                "cross_dataset": str(args.cross),
+                "rows": x["n_samples"],
+                "scope": x["scope"],
+                "qwk": x["quadratic_kappa"],
+                "macro_f1": x["macro_f1"],
+                "macro_auroc": x["macro_auroc"],
+                "abnormal_auroc": x["heads"]["abnormal"]["auroc"],
+                "confusion": x["confusion_matrix"],
+            }
             (out / "cross_dataset.json").write_text(json.dumps(cross, indent=1))
             print("cross-dataset:", json.dumps(cross))
         pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
@@ -137,19 +173,27 @@ def main(argv=None) -> int:
     table = pd.DataFrame(rows)
     grades = pd.read_csv(out / rows[0]["cell"].replace(" + ", "_").replace(" ", "_").lower() / "splits.csv")
     counts = grades[grades["split"] == "test"]["grade"].value_counts().sort_index().to_dict()
-    lines = [f"Data: {args.data} ({name}); test grades {counts}; {args.size} px, depth {args.depth}, "
-             f"{args.epochs} epochs, batch {args.batch}, lr {args.lr}, best-val-QWK checkpoint.", "",
-             "| cell | params | test macro F1 | test QWK | macro AUROC | balanced acc. | abnormal AUROC | train s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Data: {args.data} ({name}); test grades {counts}; {args.size} px, depth {args.depth}, "
+        f"{args.epochs} epochs, batch {args.batch}, lr {args.lr}, best-val-QWK checkpoint.",
+        "",
+        "| cell | params | test macro F1 | test QWK | macro AUROC | balanced acc. | abnormal AUROC | train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['cell']} | {r['params']:,} | {r['macro_f1']:.3f} | {r['qwk']:.3f} | "
-                     f"{r['macro_auroc']:.3f} | {r['balanced_accuracy']:.3f} | {r['abnormal_auroc']:.3f} | "
-                     f"{r['train_s']} |")
+        lines.append(
+            f"| {r['cell']} | {r['params']:,} | {r['macro_f1']:.3f} | {r['qwk']:.3f} | "
+            f"{r['macro_auroc']:.3f} | {r['balanced_accuracy']:.3f} | {r['abnormal_auroc']:.3f} | "
+            f"{r['train_s']} |"
+        )
     if (out / "cross_dataset.json").exists():
         c = json.loads((out / "cross_dataset.json").read_text())
-        lines += ["", f"Cross-dataset (dual + WLSRL, never trained on it): {c['cross_dataset']}, {c['rows']} "
-                      f"images: QWK {c['qwk']:.3f}, macro F1 {c['macro_f1']:.3f}, macro AUROC "
-                      f"{c['macro_auroc']:.3f}, abnormal AUROC {c['abnormal_auroc']:.3f}"]
+        lines += [
+            "",
+            f"Cross-dataset (dual + WLSRL, never trained on it): {c['cross_dataset']}, {c['rows']} "
+            f"images: QWK {c['qwk']:.3f}, macro F1 {c['macro_f1']:.3f}, macro AUROC "
+            f"{c['macro_auroc']:.3f}, abnormal AUROC {c['abnormal_auroc']:.3f}",
+        ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

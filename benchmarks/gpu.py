@@ -22,7 +22,8 @@ attention scores and MLP, x2 for the LoRA training step (the frozen weights need
 gradients; the adapters' share is negligible). XLA's count of the compiled step (jax cost
 analysis: includes elementwise work and the optimizer) is reported beside it.
 MFU = (model FLOPs per step / step time) / device peak, the peak from a table of dense
-bf16/fp16 tensor-core (or fp32) figures for known GPUs ("unknown" otherwise, and on CPU). Nothing here imports TensorFlow: it runs where only JAX is installed.
+bf16/fp16 tensor-core (or fp32) figures for known GPUs ("unknown" otherwise, and on CPU).
+Nothing here imports TensorFlow: it runs where only JAX is installed.
 Results go to stdout (a markdown table) and ``--out`` (JSON).
 """
 
@@ -61,9 +62,15 @@ def device_info() -> dict:
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", str(device))
     peak = next((v for k, v in PEAKS.items() if k.lower() in kind.lower()), None) if device.platform == "gpu" else None
-    return {"platform": device.platform, "device": kind, "count": jax.device_count(),
-            "peak_mixed": peak[0] if peak else None, "peak_fp32": peak[1] if peak else None,
-            "host": platform.processor() or platform.machine(), "jax": jax.__version__}
+    return {
+        "platform": device.platform,
+        "device": kind,
+        "count": jax.device_count(),
+        "peak_mixed": peak[0] if peak else None,
+        "peak_fp32": peak[1] if peak else None,
+        "host": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+    }
 
 
 def model_flops(name: str, image_size: int, encoder: dict) -> float:
@@ -125,8 +132,11 @@ def measure(name: str, image_size: int, batch: int, steps: int, warmup: int, tin
     rng = np.random.default_rng(0)
     x = jax.numpy.asarray(rng.uniform(0, 255, (batch, image_size, image_size, 3)).astype("float32"))
     y = jax.numpy.asarray(rng.integers(0, 2, (batch, 8)).astype("float32"))
-    state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
-             [v.value for v in optimizer.variables])
+    state = (
+        [v.value for v in model.trainable_variables],
+        [v.value for v in model.non_trainable_variables],
+        [v.value for v in optimizer.variables],
+    )
     start = time.perf_counter()
     compiled = jax.jit(train_step, donate_argnums=0).lower(state, x, y).compile()
     compile_s = time.perf_counter() - start
@@ -144,11 +154,23 @@ def measure(name: str, image_size: int, batch: int, steps: int, warmup: int, tin
     trainable = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     total = sum(int(np.prod(v.shape)) for v in model.variables)
     model_step = model_flops(name, image_size, encoder_config(tiny)) * batch
-    return {"model": name, "image_size": image_size, "batch": batch, "steps": steps, "step_s": step,
-            "images_per_s": batch / step, "model_gflops_per_image": model_step / batch / 1e9,
-            "xla_flops_per_step": flops, "xla_gflops_per_image": flops / batch / 1e9,
-            "achieved_tflops": model_step / step / 1e12, "compile_s": compile_s, "loss": float(loss),
-            "trainable_params": trainable, "params": total, "tiny_encoder": tiny}
+    return {
+        "model": name,
+        "image_size": image_size,
+        "batch": batch,
+        "steps": steps,
+        "step_s": step,
+        "images_per_s": batch / step,
+        "model_gflops_per_image": model_step / batch / 1e9,
+        "xla_flops_per_step": flops,
+        "xla_gflops_per_image": flops / batch / 1e9,
+        "achieved_tflops": model_step / step / 1e12,
+        "compile_s": compile_s,
+        "loss": float(loss),
+        "trainable_params": trainable,
+        "params": total,
+        "tiny_encoder": tiny,
+    }
 
 
 def main(argv=None) -> int:
@@ -179,21 +201,28 @@ def main(argv=None) -> int:
         row = measure(name, size, batch, steps, args.warmup, args.tiny_encoder)
         row["mfu"] = row["achieved_tflops"] * 1e12 / peak if peak else None
         rows.append(row)
-        print(f"{name}: {row['images_per_s']:.1f} img/s, {row['model_gflops_per_image']:.2f} GFLOP/img (train step), "
-              f"{row['achieved_tflops']:.2f} TFLOP/s, MFU {row['mfu'] if row['mfu'] is None else round(row['mfu'], 3)}",
-              flush=True)
+        print(
+            f"{name}: {row['images_per_s']:.1f} img/s, {row['model_gflops_per_image']:.2f} GFLOP/img (train step), "
+            f"{row['achieved_tflops']:.2f} TFLOP/s, MFU {row['mfu'] if row['mfu'] is None else round(row['mfu'], 3)}",
+            flush=True,
+        )
     result = {"device": info, "precision": args.precision, "command": " ".join(["python", *sys.argv]), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     peak_text = f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown"
-    print(f"\ndevice: {info['device']} x{info['count']} ({info['platform']}), peak {peak_text}, {args.precision}, "
-          f"jax {info['jax']}\n")
+    print(
+        f"\ndevice: {info['device']} x{info['count']} ({info['platform']}), peak {peak_text}, {args.precision}, "
+        f"jax {info['jax']}\n"
+    )
     print("| model | px | batch | img/s | model GFLOP/img (train) | XLA GFLOP/img | TFLOP/s | MFU |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"| {r['model']} | {r['image_size']} | {r['batch']} | {r['images_per_s']:.1f} | "
-              f"{r['model_gflops_per_image']:.2f} | {r['xla_gflops_per_image']:.2f} | {r['achieved_tflops']:.3f} | {mfu} |")
+        print(
+            f"| {r['model']} | {r['image_size']} | {r['batch']} | {r['images_per_s']:.1f} | "
+            f"{r['model_gflops_per_image']:.2f} | {r['xla_gflops_per_image']:.2f} | "
+            f"{r['achieved_tflops']:.3f} | {mfu} |"
+        )
     return 0
 
 

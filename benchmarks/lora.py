@@ -32,25 +32,34 @@ def one_mode(mode: str, image_size: int, batch: int, steps: int) -> dict:
     import numpy as np
 
     from kfundus.systems.clip_lora.lora import lora_parameter_count, parameter_summary
-    from kfundus.systems.clip_lora.shadow_loss import ShadowLoss
     from kfundus.systems.clip_lora.model import build_clip_lora
+    from kfundus.systems.clip_lora.shadow_loss import ShadowLoss
 
     keras.utils.set_random_seed(0)
     rank = 0 if mode == "full" else 8
-    model = build_clip_lora(8, image_size=image_size, lora_rank=rank, lora_alpha=16, lora_targets=["query", "value"],
-                            lora_per_head=mode == "lora_per_head", trainable_blocks=-1)
+    model = build_clip_lora(
+        8,
+        image_size=image_size,
+        lora_rank=rank,
+        lora_alpha=16,
+        lora_targets=["query", "value"],
+        lora_per_head=mode == "lora_per_head",
+        trainable_blocks=-1,
+    )
     encoder = model.get_layer("encoder")
     counts = parameter_summary(model)
     result = {"mode": mode, "trainable": counts["trainable"], "total": counts["total"]}
     if rank:
         result.update(lora_parameter_count(encoder))
-    model.compile(keras.optimizers.Adam(1e-4),
-                  loss={"probabilities": keras.losses.BinaryCrossentropy(), "embedding": ShadowLoss(0.5)})
+    model.compile(
+        keras.optimizers.Adam(1e-4),
+        loss={"probabilities": keras.losses.BinaryCrossentropy(), "embedding": ShadowLoss(0.5)},
+    )
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (batch, image_size, image_size, 3)).astype("float32")
     y = (rng.uniform(size=(batch, 8)) < 0.3).astype("float32")
     times = []
-    for i in range(steps + 1):
+    for _ in range(steps + 1):
         start = time.perf_counter()
         model.train_on_batch(x, {"probabilities": y, "embedding": y})
         times.append(time.perf_counter() - start)
@@ -71,28 +80,49 @@ def main(argv=None) -> int:
         return 0
     results = {}
     for mode in ("lora", "lora_per_head", "full"):
-        proc = subprocess.run([sys.executable, __file__, "--mode", mode, "--image-size", str(args.image_size),
-                               "--batch", str(args.batch), "--steps", str(args.steps)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--mode",
+                mode,
+                "--image-size",
+                str(args.image_size),
+                "--batch",
+                str(args.batch),
+                "--steps",
+                str(args.steps),
+            ],
+            capture_output=True,
+            text=True,
+        )
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
             print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
             return 1
-        results[mode] = json.loads(line[0][len("RESULT "):])
+        results[mode] = json.loads(line[0][len("RESULT ") :])
     lora, per_head, full = results["lora"], results["lora_per_head"], results["full"]
     print(f"CLIP ViT-B/16 vision encoder, {args.image_size} px, batch {args.batch}, per-eye, CPU")
     print(f"encoder parameters: {lora['encoder_parameters']:,}")
     verdict = "meets" if lora["lora_share"] < 0.01 else "MISSES"
-    print(f"LoRA rank 8 on query/value (kfundus default, the paper's factorisation): {lora['lora_parameters']:,} "
-          f"= {100 * lora['lora_share']:.2f} % of the encoder ({verdict} the < 1 % target)")
-    print(f"  with Keras' per-head factorisation (lora_per_head: true): {per_head['lora_parameters']:,} "
-          f"= {100 * per_head['lora_share']:.2f} %")
-    print(f"trainable with the head: LoRA {lora['trainable']:,}, per-head {per_head['trainable']:,}, "
-          f"full {full['trainable']:,}")
+    print(
+        f"LoRA rank 8 on query/value (kfundus default, the paper's factorisation): {lora['lora_parameters']:,} "
+        f"= {100 * lora['lora_share']:.2f} % of the encoder ({verdict} the < 1 % target)"
+    )
+    print(
+        f"  with Keras' per-head factorisation (lora_per_head: true): {per_head['lora_parameters']:,} "
+        f"= {100 * per_head['lora_share']:.2f} %"
+    )
+    print(
+        f"trainable with the head: LoRA {lora['trainable']:,}, per-head {per_head['trainable']:,}, "
+        f"full {full['trainable']:,}"
+    )
     for name, row in (("LoRA", lora), ("LoRA per-head", per_head)):
-        print(f"{name} vs full fine-tuning: step {row['step_seconds']:.2f} s vs {full['step_seconds']:.2f} s "
-              f"(ratio {row['step_seconds'] / full['step_seconds']:.2f}); peak RSS {row['peak_rss_mb']:.0f} MB vs "
-              f"{full['peak_rss_mb']:.0f} MB (ratio {row['peak_rss_mb'] / full['peak_rss_mb']:.2f})")
+        print(
+            f"{name} vs full fine-tuning: step {row['step_seconds']:.2f} s vs {full['step_seconds']:.2f} s "
+            f"(ratio {row['step_seconds'] / full['step_seconds']:.2f}); peak RSS {row['peak_rss_mb']:.0f} MB vs "
+            f"{full['peak_rss_mb']:.0f} MB (ratio {row['peak_rss_mb'] / full['peak_rss_mb']:.2f})"
+        )
     print(json.dumps(results))
     return 0
 

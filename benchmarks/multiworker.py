@@ -51,10 +51,13 @@ def build(distribution="none"):
     from kfundus.systems import build_model
 
     keras.utils.set_random_seed(0)  # same initial weights on every worker
-    model = build_model(ModelConfig(name="vit", dropout=0.0, options={"encoder_config": TINY_VIT, "lora_rank": 2}),
-                        num_outputs=2, image_size=SIZE, task="multilabel")
-    model.compile(optimizer=keras.optimizers.Adam(3e-3),
-                  loss={"probabilities": keras.losses.BinaryCrossentropy()})
+    model = build_model(
+        ModelConfig(name="vit", dropout=0.0, options={"encoder_config": TINY_VIT, "lora_rank": 2}),
+        num_outputs=2,
+        image_size=SIZE,
+        task="multilabel",
+    )
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss={"probabilities": keras.losses.BinaryCrossentropy()})
     return model
 
 
@@ -86,8 +89,13 @@ def tf_worker(index: int, single: bool) -> dict:
         shard = [i for i in range(len(x)) if i % strategy.num_replicas_in_sync == index]  # rows index::workers
         seen = [len(shard), shard[:4]]
     history = model.fit(ds, epochs=STEPS, steps_per_epoch=1, verbose=2)
-    return {"worker": index, "replicas": strategy.num_replicas_in_sync, "strategy": type(strategy).__name__,
-            "shard_rows": seen, "losses": [float(v) for v in history.history["loss"]]}
+    return {
+        "worker": index,
+        "replicas": strategy.num_replicas_in_sync,
+        "strategy": type(strategy).__name__,
+        "shard_rows": seen,
+        "losses": [float(v) for v in history.history["loss"]],
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -99,8 +107,7 @@ def jax_worker(index: int, workers: int, port: int, single: bool) -> dict:
 
     if not single:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=workers,
-                                   process_id=index)
+        jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=workers, process_id=index)
     import keras
     import tensorflow as tf
 
@@ -120,9 +127,14 @@ def jax_worker(index: int, workers: int, port: int, single: bool) -> dict:
     # each process's batch of GLOBAL_BATCH / workers rows is its part of the global batch
     ds = rows.batch(local).repeat()
     history = model.fit(ds, epochs=STEPS, steps_per_epoch=1, verbose=2)
-    return {"worker": index, "replicas": len(devices), "process_count": jax.process_count(),
-            "strategy": "DataParallel" if not single else "none", "local_batch": local,
-            "losses": [float(v) for v in history.history["loss"]]}
+    return {
+        "worker": index,
+        "replicas": len(devices),
+        "process_count": jax.process_count(),
+        "strategy": "DataParallel" if not single else "none",
+        "local_batch": local,
+        "losses": [float(v) for v in history.history["loss"]],
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -149,10 +161,22 @@ def launch(backend: str, workers: int, out: Path, timeout: float) -> dict:
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
         if backend == "tensorflow":
             env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
-        log = open(out / f"worker-{i}.log", "w")
+        log = open(out / f"worker-{i}.log", "w")  # noqa: SIM115 - closed after the workers exit
         logs.append(log)
-        cmd = [sys.executable, __file__, "--role", "worker", "--backend", backend, "--index", str(i),
-               "--workers", str(workers), "--port", str(ports[0])]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--role",
+            "worker",
+            "--backend",
+            backend,
+            "--index",
+            str(i),
+            "--workers",
+            str(workers),
+            "--port",
+            str(ports[0]),
+        ]
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO))
     codes = []
     for p in procs:
@@ -169,23 +193,38 @@ def launch(backend: str, workers: int, out: Path, timeout: float) -> dict:
         results.append(json.loads(lines[-1][7:]) if lines else None)
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("TF_CONFIG", None)
-    single = subprocess.run([sys.executable, __file__, "--role", "single", "--backend", backend],
-                            capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    single = subprocess.run(
+        [sys.executable, __file__, "--role", "single", "--backend", backend],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+    )
     (out / "single.log").write_text(single.stdout + single.stderr)
     one = [json.loads(ln[7:]) for ln in single.stdout.splitlines() if ln.startswith("RESULT ")]
-    summary = {"backend": backend, "workers": workers, "exit_codes": codes, "seconds": round(time.time() - start, 1),
-               "results": results, "single_process": one[-1] if one else None, "logs": str(out)}
+    summary = {
+        "backend": backend,
+        "workers": workers,
+        "exit_codes": codes,
+        "seconds": round(time.time() - start, 1),
+        "results": results,
+        "single_process": one[-1] if one else None,
+        "logs": str(out),
+    }
     if one and all(results):
         ref = np.array(one[-1]["losses"])
         summary["max_abs_diff_vs_single"] = max(float(np.max(np.abs(np.array(r["losses"]) - ref))) for r in results)
-        summary["workers_agree"] = max(float(np.max(np.abs(np.array(r["losses"]) - np.array(results[0]["losses"]))))
-                                       for r in results)
+        summary["workers_agree"] = max(
+            float(np.max(np.abs(np.array(r["losses"]) - np.array(results[0]["losses"])))) for r in results
+        )
     return summary
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backend", choices=["tensorflow", "jax"], default="tensorflow")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--role", choices=["launch", "worker", "single"], default="launch")

@@ -28,16 +28,16 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from sklearn.metrics import roc_auc_score
 
-from kfundus.config import load_config  # noqa: E402
-from kfundus.evaluation import evaluate_run  # noqa: E402
-from kfundus.data.readers import load_dataset  # noqa: E402
-from kfundus.workflows.supervised import make_splits, train  # noqa: E402
+from kfundus.config import load_config
+from kfundus.data.readers import load_dataset
+from kfundus.evaluation import evaluate_run
+from kfundus.workflows.supervised import make_splits, train
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["N", "G", "C"]
@@ -83,13 +83,25 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", default=None, help="folder for the kfundus run (default: a temporary one)")
     parser.add_argument("--only", choices=["kfundus", "baseline"], help="run one side only")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="extra kfundus config override (repeatable), e.g. data.augment.rotation=10")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="extra kfundus config override (repeatable), e.g. data.augment.rotation=10",
+    )
     parser.add_argument("--name", default="kfundus", help="row name for the kfundus run")
-    parser.add_argument("--baseline-seed", type=int, default=0,
-                        help="the baseline's initial weights and data order (kfundus: --set train.seed=K)")
-    parser.add_argument("--full-decode", action="store_true",
-                        help="kfundus decodes JPEGs at full size (no DCT-domain scaling), the rest unchanged")
+    parser.add_argument(
+        "--baseline-seed",
+        type=int,
+        default=0,
+        help="the baseline's initial weights and data order (kfundus: --set train.seed=K)",
+    )
+    parser.add_argument(
+        "--full-decode",
+        action="store_true",
+        help="kfundus decodes JPEGs at full size (no DCT-domain scaling), the rest unchanged",
+    )
     args = parser.parse_args(argv)
     if args.full_decode:  # an experiment switch, not a pipeline option: its own cache folder below
         import kfundus.data.pipeline
@@ -99,18 +111,30 @@ def main(argv=None):
         print(f"{args.data} is absent: this benchmark needs ../shared/data/odir-sample")
         return 2
     out = Path(args.out or tempfile.mkdtemp(prefix="kfundus-odir-"))
-    overrides = [f"data.labels=[{', '.join(LABELS)}]", "model.weights=null", "model.trainable_blocks=-1", f"data.image_size={args.size}",
-                 f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", "train.early_stopping=0",
-                 f"output_dir={out}", f"data.cache_dir={out / ('cache-full-decode' if args.full_decode else 'cache')}",
-                 *args.overrides]
+    overrides = [
+        f"data.labels=[{', '.join(LABELS)}]",
+        "model.weights=null",
+        "model.trainable_blocks=-1",
+        f"data.image_size={args.size}",
+        f"train.epochs={args.epochs}",
+        f"train.batch_size={args.batch_size}",
+        "train.early_stopping=0",
+        f"output_dir={out}",
+        f"data.cache_dir={out / ('cache-full-decode' if args.full_decode else 'cache')}",
+        *args.overrides,
+    ]
     config = load_config("odir_efficientnet_b0", overrides)
     splits = make_splits(load_dataset(config.data, args.data), config)
     results = {}
     if args.only != "kfundus":
         start = time.time()
         scores = run_baseline(splits, args.size, args.epochs, args.batch_size, args.baseline_seed)
-        results["plain Keras baseline"] = {"per_class": scores["test"][0], "macro_auroc": scores["test"][1],
-                                           "val_macro_auroc": scores["val"][1], "seconds": time.time() - start}
+        results["plain Keras baseline"] = {
+            "per_class": scores["test"][0],
+            "macro_auroc": scores["test"][1],
+            "val_macro_auroc": scores["val"][1],
+            "seconds": time.time() - start,
+        }
     if args.only != "baseline":
         start = time.time()
         run_dir = train(config, args.data)
@@ -122,14 +146,24 @@ def main(argv=None):
             y_true = predictions[[f"true_{c}" for c in LABELS]].to_numpy()
             y_prob = predictions[[f"prob_{c}" for c in LABELS]].to_numpy()
             scores[split] = aurocs(y_true, y_prob)
-        results[args.name] = {"per_class": scores["test"][0], "macro_auroc": scores["test"][1],
-                              "val_macro_auroc": scores["val"][1], "seconds": seconds, "run": str(run_dir),
-                              "overrides": args.overrides}
+        results[args.name] = {
+            "per_class": scores["test"][0],
+            "macro_auroc": scores["test"][1],
+            "val_macro_auroc": scores["val"][1],
+            "seconds": seconds,
+            "run": str(run_dir),
+            "overrides": args.overrides,
+        }
     test = splits["test"].frame
-    print(f"\nODIR sample, per-eye labels from keywords, {len(test)} test eyes of "
-          f"{test['patient_id'].nunique()} held-out patients; {args.size} px, {args.epochs} epochs, from scratch")
-    print("| pipeline | " + " | ".join(f"test AUROC {c}" for c in LABELS)
-          + " | test macro AUROC | val macro AUROC | time (s) |")
+    print(
+        f"\nODIR sample, per-eye labels from keywords, {len(test)} test eyes of "
+        f"{test['patient_id'].nunique()} held-out patients; {args.size} px, {args.epochs} epochs, from scratch"
+    )
+    print(
+        "| pipeline | "
+        + " | ".join(f"test AUROC {c}" for c in LABELS)
+        + " | test macro AUROC | val macro AUROC | time (s) |"
+    )
     print("|---|" + "---|" * (len(LABELS) + 3))
     for name, r in results.items():
         cells = " | ".join(f"{r['per_class'][c]:.3f}" for c in LABELS)

@@ -21,11 +21,11 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import pandas as pd  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import pandas as pd
+import tensorflow as tf
 
-from kfundus.data.manifest import Manifest  # noqa: E402
-from kfundus.data.pipeline import Preprocess, decode_threads, make_dataset, prepare  # noqa: E402
+from kfundus.data.manifest import Manifest
+from kfundus.data.pipeline import Preprocess, decode_threads, make_dataset, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,8 @@ def measure(paths, size, batch_size, repeats):
     manifest = Manifest(frame, ["y"], name="bench")
     config = Preprocess(image_size=size)
     floor = tf.data.Dataset.from_tensor_slices(paths).map(
-        lambda p: tf.io.decode_jpeg(tf.io.read_file(p), channels=3, ratio=8), num_parallel_calls=decode_threads())
+        lambda p: tf.io.decode_jpeg(tf.io.read_file(p), channels=3, ratio=8), num_parallel_calls=decode_threads()
+    )
     best = {"plain": 0.0, "first": 0.0, "cached": 0.0, "ratio8 decode only": 0.0}
     warm = tempfile.mkdtemp(prefix="kfundus-bench-")
     # an epoch of plain and of the cache iterates a dataset built once, as epochs 2.. do;
@@ -100,21 +101,29 @@ def main(argv=None):
     if args.limit:
         paths = paths[: args.limit]
     if not paths:
-        print(f"skipped: no JPEG images under {folder}; point --data at a folder of full-resolution fundus "
-              "JPEGs (e.g. the IDRiD grading set)")
+        print(
+            f"skipped: no JPEG images under {folder}; point --data at a folder of full-resolution fundus "
+            "JPEGs (e.g. the IDRiD grading set)"
+        )
         return 0
-    print(f"{len(paths)} images from {folder}, {args.size} px, tf {tf.__version__}, {os.cpu_count()} cores, "
-          f"best of {args.repeats} interleaved rounds")
+    print(
+        f"{len(paths)} images from {folder}, {args.size} px, tf {tf.__version__}, {os.cpu_count()} cores, "
+        f"best of {args.repeats} interleaved rounds"
+    )
     results = {}
-    for label, files in ((f"{len(paths)} files, one pass", paths),
-                         (f"the files x3 ({3 * len(paths)} decodes, start-up amortised)", paths * 3)):
+    for label, files in (
+        (f"{len(paths)} files, one pass", paths),
+        (f"the files x3 ({3 * len(paths)} decodes, start-up amortised)", paths * 3),
+    ):
         best = measure(files, args.size, args.batch_size, args.repeats)
         base = best["plain"]
         print(f"\n{label}\n| pipeline | images/s | ratio to plain | target |\n|---|---|---|---|")
-        rows = [("plain decode_jpeg -> resize", "plain", ""),
-                ("kfundus first pass (DCT decode + crop + resize + cache write + stream)", "first", ">= 2.5x"),
-                ("kfundus cached pass", "cached", ">= 20x"),
-                ("(floor: decode_jpeg ratio=8 alone, nothing else)", "ratio8 decode only", "")]
+        rows = [
+            ("plain decode_jpeg -> resize", "plain", ""),
+            ("kfundus first pass (DCT decode + crop + resize + cache write + stream)", "first", ">= 2.5x"),
+            ("kfundus cached pass", "cached", ">= 20x"),
+            ("(floor: decode_jpeg ratio=8 alone, nothing else)", "ratio8 decode only", ""),
+        ]
         for name, key, target in rows:
             print(f"| {name} | {best[key]:.0f} | {best[key] / base:.1f}x | {target} |")
         results[label] = best

@@ -45,8 +45,8 @@ def eye_features(model, packer, prepared):
 def probe(train, test) -> dict:
     from sklearn.metrics import roc_auc_score
 
-    from kfundus.workflows.transfer import fit_linear_probe, probe_predict
     from kfundus.config import LinearProbeConfig
+    from kfundus.workflows.transfer import fit_linear_probe, probe_predict
 
     (x_train, y_train), (x_test, y_test) = train, test
     out = {}
@@ -69,19 +69,30 @@ def main(argv=None) -> int:
         print(f"skipped: no ODIR sample at {args.data} (annotation.csv)")
         return 0
 
-    from kfundus.systems.retclip.model import build_retclip
     from kfundus.config import load_config
     from kfundus.run import RunFolder
+    from kfundus.systems.retclip.model import build_retclip
     from kfundus.workflows.pretrain import load_pretrained, prepare_pairs, pretrain
 
     out = Path(args.out)
     run = out / "pretrain"
-    config = load_config("retclip_pretrain", [
-        f"data.image_size={args.size}", "data.split.val=0.1", "data.split.test=0.2",
-        f"model.options.vision_config={json.dumps(VISION)}", f"model.options.text_config={json.dumps(TEXT)}",
-        "model.options.embed_dim=64", "text.vocabulary_size=500", "text.sequence_length=48",
-        f"train.epochs={args.epochs}", f"train.batch_size={args.batch}", "train.learning_rate=1e-3",
-        "train.warmup_epochs=2"])
+    config = load_config(
+        "retclip_pretrain",
+        [
+            f"data.image_size={args.size}",
+            "data.split.val=0.1",
+            "data.split.test=0.2",
+            f"model.options.vision_config={json.dumps(VISION)}",
+            f"model.options.text_config={json.dumps(TEXT)}",
+            "model.options.embed_dim=64",
+            "text.vocabulary_size=500",
+            "text.sequence_length=48",
+            f"train.epochs={args.epochs}",
+            f"train.batch_size={args.batch}",
+            "train.learning_rate=1e-3",
+            "train.warmup_epochs=2",
+        ],
+    )
     start = time.perf_counter()
     if not (run / "model.keras").exists():
         pretrain(config, args.data, run)
@@ -89,19 +100,30 @@ def main(argv=None) -> int:
     model, packer, info = load_pretrained(run)
     train = prepare_pairs(config, RunFolder(run).split_manifest("train"))
     test = prepare_pairs(config, RunFolder(run).split_manifest("test"))
-    random = build_retclip(image_size=args.size, vocabulary_size=info["vocabulary_size"],
-                           sequence_length=info["sequence_length"], vision_config=VISION, text_config=TEXT,
-                           embed_dim=64)
-    rows = {"RET-CLIP pre-trained": probe(eye_features(model, packer, train), eye_features(model, packer, test)),
-            "random init": probe(eye_features(random, packer, train), eye_features(random, packer, test))}
+    random = build_retclip(
+        image_size=args.size,
+        vocabulary_size=info["vocabulary_size"],
+        sequence_length=info["sequence_length"],
+        vision_config=VISION,
+        text_config=TEXT,
+        embed_dim=64,
+    )
+    rows = {
+        "RET-CLIP pre-trained": probe(eye_features(model, packer, train), eye_features(model, packer, test)),
+        "random init": probe(eye_features(random, packer, train), eye_features(random, packer, test)),
+    }
     y_test = eye_features(random, packer, test)[1]
-    lines = [f"Linear probe, per eye, held-out test patients ({len(test)} patients, "
-             f"{2 * len(test)} eyes; positives " + ", ".join(
-                 f"{name} {int(y_test[:, j].sum())}" for j, name in enumerate(CLASSES)) + "); "
-             f"encoder ViT {VISION} at {args.size} px, pre-trained {args.epochs} epochs on "
-             f"{len(train)} patients ({minutes:.1f} min):", "",
-             "| encoder | " + " | ".join(f"AUROC {c}" for c in CLASSES) + " | macro |",
-             "|---|" + "---|" * (len(CLASSES) + 1)]
+    lines = [
+        f"Linear probe, per eye, held-out test patients ({len(test)} patients, "
+        f"{2 * len(test)} eyes; positives "
+        + ", ".join(f"{name} {int(y_test[:, j].sum())}" for j, name in enumerate(CLASSES))
+        + "); "
+        f"encoder ViT {VISION} at {args.size} px, pre-trained {args.epochs} epochs on "
+        f"{len(train)} patients ({minutes:.1f} min):",
+        "",
+        "| encoder | " + " | ".join(f"AUROC {c}" for c in CLASSES) + " | macro |",
+        "|---|" + "---|" * (len(CLASSES) + 1),
+    ]
     for name, result in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{result[c]:.3f}" for c in CLASSES) + f" | {result['macro']:.3f} |")
     text = "\n".join(lines) + "\n"

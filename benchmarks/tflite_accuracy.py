@@ -35,13 +35,37 @@ from kfundus.data.synthetic import make_odir  # noqa: E402
 
 def run_seed(seed: int, out: Path, patients: int, epochs: int) -> dict:
     data = make_odir(out / "data", n_patients=patients, size=96, seed=seed, aspect=1.3, write_masks=False)
-    common = ["--set", f"output_dir={out / 'runs'}", "--set", f"data.cache_dir={out / 'cache'}",
-              "--set", f"export.dir={out / 'saved_models'}"]
-    code = kfundus(["train", "--config", "demo_synthetic", "--data", str(data),
-                    "--no-export", *common, "--set", "data.image_size=64",
-                    "--set", f"train.epochs={epochs}", "--set", "data.split.val=0.4",
-                    "--set", "data.split.test=0.1", "--set", f"train.seed={seed}",
-                    "--set", "export.tflite=[float32, int8]"])
+    common = [
+        "--set",
+        f"output_dir={out / 'runs'}",
+        "--set",
+        f"data.cache_dir={out / 'cache'}",
+        "--set",
+        f"export.dir={out / 'saved_models'}",
+    ]
+    code = kfundus(
+        [
+            "train",
+            "--config",
+            "demo_synthetic",
+            "--data",
+            str(data),
+            "--no-export",
+            *common,
+            "--set",
+            "data.image_size=64",
+            "--set",
+            f"train.epochs={epochs}",
+            "--set",
+            "data.split.val=0.4",
+            "--set",
+            "data.split.test=0.1",
+            "--set",
+            f"train.seed={seed}",
+            "--set",
+            "export.tflite=[float32, int8]",
+        ]
+    )
     if code:
         raise SystemExit(f"training for seed {seed} failed (exit {code})")
     if kfundus(["export", "--run", str(out / "runs" / "demo_synthetic")]):
@@ -63,18 +87,27 @@ def main(argv=None) -> int:
         start = time.time()
         with tempfile.TemporaryDirectory() as tmp:
             accuracy = run_seed(seed, Path(tmp), args.patients, args.epochs)
-        rows[seed] = {"validation_eyes": accuracy["rows"], "seconds": round(time.time() - start),
-                      **{name: {"macro_auroc": accuracy[name]["macro_auroc"],
-                                "rank_correlation_vs_keras": accuracy[name]["rank_correlation_vs_keras"]}
-                         for name in ("keras", "model.tflite", "model_int8.tflite")}}
+        rows[seed] = {
+            "validation_eyes": accuracy["rows"],
+            "seconds": round(time.time() - start),
+            **{
+                name: {
+                    "macro_auroc": accuracy[name]["macro_auroc"],
+                    "rank_correlation_vs_keras": accuracy[name]["rank_correlation_vs_keras"],
+                }
+                for name in ("keras", "model.tflite", "model_int8.tflite")
+            },
+        }
         print(json.dumps({seed: rows[seed]}), flush=True)
 
     print("\n| seed | validation eyes | Keras macro AUROC | float32 TFLite | int8 TFLite | int8 - Keras |")
     print("|---|---|---|---|---|---|")
     for seed, row in rows.items():
         keras_auroc, int8 = row["keras"]["macro_auroc"], row["model_int8.tflite"]["macro_auroc"]
-        print(f"| {seed} | {row['validation_eyes']} | {keras_auroc:.4f} | {row['model.tflite']['macro_auroc']:.4f} "
-              f"| {int8:.4f} | {int8 - keras_auroc:+.4f} |")
+        print(
+            f"| {seed} | {row['validation_eyes']} | {keras_auroc:.4f} | {row['model.tflite']['macro_auroc']:.4f} "
+            f"| {int8:.4f} | {int8 - keras_auroc:+.4f} |"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0

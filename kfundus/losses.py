@@ -73,8 +73,10 @@ def make_loss(name: str, task: str, train_targets: np.ndarray, *, pos_weight_cap
         raise ConfigError(f"train.loss={name!r}: use one of {list(LOSSES)}")
     if task == "multiclass":
         if name != "bce":
-            raise ConfigError(f"train.loss={name!r} is for sigmoid (multi-label/binary) tasks; "
-                              "multi-class tasks use categorical cross-entropy (train.loss=bce)")
+            raise ConfigError(
+                f"train.loss={name!r} is for sigmoid (multi-label/binary) tasks; "
+                "multi-class tasks use categorical cross-entropy (train.loss=bce)"
+            )
         return keras.losses.CategoricalCrossentropy()
     if name == "weighted_bce":
         return WeightedBinaryCrossentropy(positive_weights(train_targets, pos_weight_cap))

@@ -121,9 +121,7 @@ def multilabel_arrays(y_true, y_prob, labels=None):
             "pass one row per sample and one column per label in both."
         )
     if not np.isin(y_true, (0, 1)).all():
-        raise DataError(
-            f"y_true must be 0/1 labels; found values {np.unique(y_true)[:10].tolist()}."
-        )
+        raise DataError(f"y_true must be 0/1 labels; found values {np.unique(y_true)[:10].tolist()}.")
     if labels is not None and len(labels) != y_prob.shape[1]:
         raise DataError(
             f"{len(labels)} labels given for {y_prob.shape[1]} columns of y_prob; "
@@ -247,8 +245,7 @@ def write_odir_submission(ids, y_prob, path, labels=ODIR_LABELS) -> Path:
     duplicated = pd.Series(ids).duplicated()
     if duplicated.any():
         raise DataError(
-            f"patient ID {ids[int(np.argmax(duplicated))]!r} appears twice; "
-            "a submission has one row per patient."
+            f"patient ID {ids[int(np.argmax(duplicated))]!r} appears twice; a submission has one row per patient."
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -286,9 +283,7 @@ def quadratic_kappa(y_true, y_pred, n_classes: int | None = None) -> float:
         raise DataError(f"y_true has {a.size} samples but y_pred has {b.size}.")
     if n_classes is None:
         n_classes = max(widths + [int(max(a.max(initial=0), b.max(initial=0))) + 1])
-    return float(
-        cohen_kappa_score(a, b, weights="quadratic", labels=np.arange(n_classes))
-    )
+    return float(cohen_kappa_score(a, b, weights="quadratic", labels=np.arange(n_classes)))
 
 
 def _ranked_counts(y, score):
@@ -325,9 +320,7 @@ def choose_thresholds(y_true, y_prob, method: str = "youden", fixed: float = 0.5
         ``(K,)`` float array of thresholds, applied as ``prob > threshold``.
     """
     if method not in THRESHOLD_METHODS:
-        raise ConfigError(
-            f"threshold method {method!r} is unknown; use one of {', '.join(THRESHOLD_METHODS)}."
-        )
+        raise ConfigError(f"threshold method {method!r} is unknown; use one of {', '.join(THRESHOLD_METHODS)}.")
     y_true, y_prob = multilabel_arrays(y_true, y_prob)
     out = np.full(y_prob.shape[1], float(fixed))
     if method == "fixed":
@@ -396,19 +389,21 @@ def per_class_metrics(y_true, y_prob, labels, thresholds=None) -> pd.DataFrame:
         y, p = y_true[:, k], y_prob[:, k]
         tp, fp, fn, tn = _binary_counts(y, pred[:, k])
         both = 0 < y.sum() < y.size
-        rows.append({
-            "label": str(label),
-            "support": tp + fn,
-            "n_negative": fp + tn,
-            "auroc": float(roc_auc_score(y, p)) if both else float("nan"),
-            "ap": float(average_precision_score(y, p)) if both else float("nan"),
-            "threshold": float(thresholds[k]),
-            "sensitivity": _ratio(tp, tp + fn),
-            "specificity": _ratio(tn, tn + fp),
-            "precision": _ratio(tp, tp + fp),
-            "f1": _ratio(2 * tp, 2 * tp + fp + fn),
-            "kappa": _binary_kappa(tp, fp, fn, tn),
-        })
+        rows.append(
+            {
+                "label": str(label),
+                "support": tp + fn,
+                "n_negative": fp + tn,
+                "auroc": float(roc_auc_score(y, p)) if both else float("nan"),
+                "ap": float(average_precision_score(y, p)) if both else float("nan"),
+                "threshold": float(thresholds[k]),
+                "sensitivity": _ratio(tp, tp + fn),
+                "specificity": _ratio(tn, tn + fp),
+                "precision": _ratio(tp, tp + fp),
+                "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+                "kappa": _binary_kappa(tp, fp, fn, tn),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -446,9 +441,7 @@ def multilabel_report(y_true, y_prob, labels, thresholds=None) -> dict:
     }
     for name in ("auroc", "ap", "sensitivity", "specificity", "f1"):
         report[f"macro_{name}"] = _nanmean(table[name].to_numpy()[valid])
-    report["micro_auroc"] = (
-        float(roc_auc_score(flat, y_prob.ravel())) if 0 < flat.sum() < flat.size else float("nan")
-    )
+    report["micro_auroc"] = float(roc_auc_score(flat, y_prob.ravel())) if 0 < flat.sum() < flat.size else float("nan")
     report["n_classes_excluded"] = int((~valid).sum())
     report["excluded_classes"] = table["label"][~valid].tolist()
     if [str(x) for x in labels] == ODIR_LABELS:
@@ -482,12 +475,24 @@ def binary_report(y_true, y_prob, labels=None, threshold=None) -> dict:
         raise DataError(f"binary_report needs one probability column; got {y_prob.shape}.")
     labels = ["positive"] if labels is None else [str(x) for x in labels][-1:]
     report = multilabel_report(
-        np.reshape(y_true, (-1, 1)), np.reshape(y_prob, (-1, 1)), labels,
+        np.reshape(y_true, (-1, 1)),
+        np.reshape(y_prob, (-1, 1)),
+        labels,
         None if threshold is None else [float(np.ravel(threshold)[0])],
     )
     report["task"] = "binary"
-    for key in ("auroc", "ap", "kappa", "f1", "sensitivity", "specificity", "precision",
-                "threshold", "support", "n_negative"):
+    for key in (
+        "auroc",
+        "ap",
+        "kappa",
+        "f1",
+        "sensitivity",
+        "specificity",
+        "precision",
+        "threshold",
+        "support",
+        "n_negative",
+    ):
         report[key] = report["per_class"][0][key]
     return report
 
@@ -514,9 +519,7 @@ def multiclass_report(y_true, y_prob, labels, ordinal: bool = False) -> dict:
     """
     y_prob = _check_scores(y_prob)
     if y_prob.ndim != 2 or y_prob.shape[1] != len(labels):
-        raise DataError(
-            f"y_prob must be (N, {len(labels)}) for {len(labels)} labels; got {y_prob.shape}."
-        )
+        raise DataError(f"y_prob must be (N, {len(labels)}) for {len(labels)} labels; got {y_prob.shape}.")
     k = len(labels)
     onehot = indices_to_onehot(class_indices(y_true), k)
     if onehot.shape[0] != y_prob.shape[0]:
@@ -528,14 +531,16 @@ def multiclass_report(y_true, y_prob, labels, ordinal: bool = False) -> dict:
     for c, label in enumerate(labels):
         both = 0 < support[c] < y.size
         f1 = _ratio(2 * tp[c], support[c] + predicted[c])
-        per_class.append({
-            "label": str(label),
-            "support": int(support[c]),
-            "precision": _ratio(tp[c], predicted[c]),
-            "recall": _ratio(tp[c], support[c]),
-            "f1": 0.0 if math.isnan(f1) else f1,
-            "auroc": float(roc_auc_score(onehot[:, c], y_prob[:, c])) if both else float("nan"),
-        })
+        per_class.append(
+            {
+                "label": str(label),
+                "support": int(support[c]),
+                "precision": _ratio(tp[c], predicted[c]),
+                "recall": _ratio(tp[c], support[c]),
+                "f1": 0.0 if math.isnan(f1) else f1,
+                "auroc": float(roc_auc_score(onehot[:, c], y_prob[:, c])) if both else float("nan"),
+            }
+        )
     recalls = [r["recall"] for r in per_class]
     aurocs = np.array([r["auroc"] for r in per_class])
     report = {
@@ -556,8 +561,7 @@ def multiclass_report(y_true, y_prob, labels, ordinal: bool = False) -> dict:
     return to_jsonable(report)
 
 
-def evaluate_predictions(y_true, y_prob, labels, task: str, thresholds=None,
-                         ordinal: bool = False) -> dict:
+def evaluate_predictions(y_true, y_prob, labels, task: str, thresholds=None, ordinal: bool = False) -> dict:
     """The report of one task, as the evaluation module writes it.
 
     Args:

@@ -70,17 +70,17 @@ def default_objective(config, manifest, train_targets: np.ndarray) -> Objective:
     from kfundus.losses import make_loss
 
     t = config.train
-    loss = make_loss(t.loss, manifest.task, train_targets, pos_weight_cap=t.pos_weight_cap,
-                     focal_gamma=t.focal_gamma)
+    loss = make_loss(t.loss, manifest.task, train_targets, pos_weight_cap=t.pos_weight_cap, focal_gamma=t.focal_gamma)
     class_weight = None
     if t.class_weight == "balanced":
         if np.shape(train_targets)[1] != 1:
-            raise ConfigError(f"train.class_weight=balanced weighs the two classes of a binary task; "
-                              f"{manifest.name or 'the dataset'} has {np.shape(train_targets)[1]} labels "
-                              "(use --set train.class_weight=null, or train.loss=weighted_bce)")
+            raise ConfigError(
+                f"train.class_weight=balanced weighs the two classes of a binary task; "
+                f"{manifest.name or 'the dataset'} has {np.shape(train_targets)[1]} labels "
+                "(use --set train.class_weight=null, or train.loss=weighted_bce)"
+            )
         class_weight = balanced_class_weight(train_targets[:, 0])
-    return Objective(loss=loss, metrics=make_metrics(manifest.task, len(manifest.labels)),
-                     class_weight=class_weight)
+    return Objective(loss=loss, metrics=make_metrics(manifest.task, len(manifest.labels)), class_weight=class_weight)
 
 
 def primary_output(predictions, primary: str | None = None) -> np.ndarray:
@@ -91,6 +91,8 @@ def primary_output(predictions, primary: str | None = None) -> np.ndarray:
     if primary is None and len(predictions) == 1:  # one named output (a TFLite or SavedModel run)
         return np.asarray(next(iter(predictions.values())), dtype=np.float32)
     if primary is None or primary not in predictions:
-        raise ConfigError(f"the model has outputs {sorted(predictions)}; its objective must name the "
-                          "one over the labels (Objective.primary)")
+        raise ConfigError(
+            f"the model has outputs {sorted(predictions)}; its objective must name the "
+            "one over the labels (Objective.primary)"
+        )
     return np.asarray(predictions[primary], dtype=np.float32)

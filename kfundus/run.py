@@ -82,27 +82,34 @@ class RunFolder:
     def finished(self) -> bool:
         return self.model_file.exists() and not (self.path / BACKUP).exists()
 
-    def require_finished(self, what: str = "this command") -> "RunFolder":
+    def require_finished(self, what: str = "this command") -> RunFolder:
         """Raise ConfigError unless the run finished (``model.keras``, no ``backup/``)."""
         if not self.path.is_dir():
-            raise ConfigError(f"run folder {self.path} does not exist: give --run runs/NAME, a folder `kfundus "
-                              "train` wrote")
+            raise ConfigError(
+                f"run folder {self.path} does not exist: give --run runs/NAME, a folder `kfundus train` wrote"
+            )
         if not (self.path / INFO).exists():
-            raise ConfigError(f"{self.path} is not a kfundus run folder (no {INFO}): give a folder `kfundus train` "
-                              "wrote")
+            raise ConfigError(
+                f"{self.path} is not a kfundus run folder (no {INFO}): give a folder `kfundus train` wrote"
+            )
         if not self.finished():
-            state = "was interrupted (backup/ present): run the same train command again to finish it" \
-                if (self.path / BACKUP).exists() else f"has no {MODEL}"
+            state = (
+                "was interrupted (backup/ present): run the same train command again to finish it"
+                if (self.path / BACKUP).exists()
+                else f"has no {MODEL}"
+            )
             raise ConfigError(f"run {self.path} {state}; {what} needs a finished run")
         return self
 
-    def start(self, overwrite: bool = False) -> "RunFolder":
+    def start(self, overwrite: bool = False) -> RunFolder:
         """Create the folder for a new run. An interrupted run (``backup/``) is left as it is
         to resume; a finished one is an error unless ``overwrite``, which clears its results."""
         self.path.mkdir(parents=True, exist_ok=True)
         if self.finished() and not overwrite:
-            raise ConfigError(f"run {self.path} has already finished ({MODEL}). Train again from scratch with "
-                              "--overwrite, or give another --run-dir")
+            raise ConfigError(
+                f"run {self.path} has already finished ({MODEL}). Train again from scratch with "
+                "--overwrite, or give another --run-dir"
+            )
         if self.finished():
             for name in (HISTORY, CHECKPOINT, MODEL, THRESHOLDS, SKIPPED, "metrics.json", "metrics.md"):
                 (self.path / name).unlink(missing_ok=True)
@@ -172,8 +179,9 @@ class RunFolder:
             new = new if new.is_dir() else new.parent
             old = Path(info["data_root"])
             for column in columns:
-                table[column] = [str(new / Path(p).relative_to(old)) if Path(p).is_relative_to(old) else p
-                                 for p in table[column]]
+                table[column] = [
+                    str(new / Path(p).relative_to(old)) if Path(p).is_relative_to(old) else p for p in table[column]
+                ]
         for label in info["labels"]:
             table[label] = table[label].astype("int64")
         return Manifest(table, list(info["labels"]), info["task"], info.get("source") or "")
@@ -186,10 +194,15 @@ class RunFolder:
 
     # thresholds ---------------------------------------------------------------
 
-    def write_thresholds(self, labels, thresholds, primary: str | None, method: str = "youden (on validation)",
-                         heads: dict | None = None) -> None:
-        data = {"method": method, "labels": list(labels), "primary_output": primary,
-                "thresholds": [float(t) for t in thresholds]}
+    def write_thresholds(
+        self, labels, thresholds, primary: str | None, method: str = "youden (on validation)", heads: dict | None = None
+    ) -> None:
+        data = {
+            "method": method,
+            "labels": list(labels),
+            "primary_output": primary,
+            "thresholds": [float(t) for t in thresholds],
+        }
         if heads:
             data["heads"] = heads
         (self.path / THRESHOLDS).write_text(json.dumps(data, indent=1))
@@ -224,5 +237,7 @@ class RunFolder:
 def check_data_labels(manifest, info: dict, where: str) -> None:
     """DataError when a dataset's labels differ from the run's."""
     if list(manifest.labels) != list(info["labels"]):
-        raise DataError(f"the labels of {where} {manifest.labels} differ from the run's {info['labels']}; select the "
-                        "run's labels with --set 'data.labels=[...]'")
+        raise DataError(
+            f"the labels of {where} {manifest.labels} differ from the run's {info['labels']}; select the "
+            "run's labels with --set 'data.labels=[...]'"
+        )

@@ -34,8 +34,7 @@ from kfundus.errors import ConfigError
 
 RESERVED_TOKENS = ("[PAD]", "[UNK]", "[START]", "[END]")
 # (start, end) token strings tried in order when a tokenizer has no start/end ids itself.
-_START_END = (("[START]", "[END]"), ("<|startoftext|>", "<|endoftext|>"), ("[CLS]", "[SEP]"),
-              ("<s>", "</s>"))
+_START_END = (("[START]", "[END]"), ("<|startoftext|>", "<|endoftext|>"), ("[CLS]", "[SEP]"), ("<s>", "</s>"))
 _PAD = ("[PAD]", "<pad>", "<|padding|>")
 
 
@@ -73,19 +72,23 @@ def make_tokenizer(spec=None, corpus=None, *, vocabulary_size: int = 2000, lower
     if spec is None or str(spec).lower() == "wordpiece":
         texts = [] if corpus is None else [str(t) for t in corpus]
         if not any(t.strip() for t in texts):
-            raise ConfigError("the 'wordpiece' tokenizer computes its vocabulary from the reports: pass "
-                              "corpus= (the training reports), or a tokenizer folder saved by a run")
+            raise ConfigError(
+                "the 'wordpiece' tokenizer computes its vocabulary from the reports: pass "
+                "corpus= (the training reports), or a tokenizer folder saved by a run"
+            )
         data = tf.data.Dataset.from_tensor_slices(texts).batch(1024)
         vocabulary = keras_hub.tokenizers.compute_word_piece_vocabulary(
-            data, vocabulary_size, lowercase=lowercase, reserved_tokens=list(RESERVED_TOKENS))
+            data, vocabulary_size, lowercase=lowercase, reserved_tokens=list(RESERVED_TOKENS)
+        )
         return keras_hub.tokenizers.WordPieceTokenizer(
-            vocabulary=vocabulary, lowercase=lowercase, oov_token="[UNK]", special_tokens=["[START]", "[END]"])
+            vocabulary=vocabulary, lowercase=lowercase, oov_token="[UNK]", special_tokens=["[START]", "[END]"]
+        )
     spec = str(spec)
     if _is_path(spec):
         return _load_folder(Path(spec).expanduser())
     try:
         return keras_hub.tokenizers.Tokenizer.from_preset(spec)
-    except Exception as error:  # noqa: BLE001 - network, unknown name, bad preset: all re-raised with advice
+    except Exception as error:
         reason = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
         raise ConfigError(
             f"cannot load the tokenizer preset {spec!r} ({type(error).__name__}: {reason}). A keras-hub preset "
@@ -101,8 +104,10 @@ def _load_folder(folder: Path):
 
     keras_hub = _keras_hub()
     if not folder.is_dir():
-        raise ConfigError(f"tokenizer folder {folder} does not exist: give a folder written by save_tokenizer "
-                          "(or a pre-training run), a keras-hub preset name, or 'wordpiece'")
+        raise ConfigError(
+            f"tokenizer folder {folder} does not exist: give a folder written by save_tokenizer "
+            "(or a pre-training run), a keras-hub preset name, or 'wordpiece'"
+        )
     config_file = folder / "tokenizer.json"
     if config_file.is_file():
         # Read directly rather than through Tokenizer.from_preset: that one needs a
@@ -110,16 +115,18 @@ def _load_folder(folder: Path):
         try:
             tokenizer = keras.saving.deserialize_keras_object(json.loads(config_file.read_text()))
             tokenizer.load_preset_assets(str(folder))
-        except Exception as error:  # noqa: BLE001 - re-raised with the folder named
+        except Exception as error:
             raise ConfigError(f"cannot load the tokenizer saved in {folder}: {error}") from error
         return tokenizer
     if (folder / "config.json").is_file():  # e.g. a Hugging Face folder keras-hub converts
         try:
             return keras_hub.tokenizers.Tokenizer.from_preset(str(folder))
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             raise ConfigError(f"cannot load a tokenizer from the preset folder {folder}: {error}") from error
-    raise ConfigError(f"{folder} holds no tokenizer (no tokenizer.json): give a folder written by "
-                      "kfundus.text.save_tokenizer or a keras-hub preset folder")
+    raise ConfigError(
+        f"{folder} holds no tokenizer (no tokenizer.json): give a folder written by "
+        "kfundus.text.save_tokenizer or a keras-hub preset folder"
+    )
 
 
 def save_tokenizer(tokenizer, folder) -> Path:
@@ -159,9 +166,11 @@ def special_ids(tokenizer) -> tuple[int, int, int]:
             if start is not None and end is not None:
                 break
         else:
-            raise ConfigError(f"tokenizer {type(tokenizer).__name__} has no start/end tokens (looked for "
-                              f"{[p for pair in _START_END for p in pair]}): the text encoder pools at the end "
-                              "token, so use a tokenizer that has one (the default 'wordpiece' does)")
+            raise ConfigError(
+                f"tokenizer {type(tokenizer).__name__} has no start/end tokens (looked for "
+                f"{[p for pair in _START_END for p in pair]}): the text encoder pools at the end "
+                "token, so use a tokenizer that has one (the default 'wordpiece' does)"
+            )
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = next((i for i in (_token_id(tokenizer, t) for t in _PAD) if i is not None), 0)
@@ -189,8 +198,12 @@ class TextPacker:
         self.sequence_length = int(sequence_length)
         self.start_id, self.end_id, self.pad_id = special_ids(tokenizer)
         self._packer = _keras_hub().layers.StartEndPacker(
-            sequence_length=self.sequence_length, start_value=self.start_id, end_value=self.end_id,
-            pad_value=self.pad_id, return_padding_mask=True)
+            sequence_length=self.sequence_length,
+            start_value=self.start_id,
+            end_value=self.end_id,
+            pad_value=self.pad_id,
+            return_padding_mask=True,
+        )
 
     def __call__(self, text) -> dict:
         text = tf.convert_to_tensor(text, dtype=tf.string)

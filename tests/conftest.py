@@ -48,10 +48,24 @@ def trained(tmp_path_factory):
     from kfundus.data.synthetic import make_odir
 
     out = tmp_path_factory.mktemp("e2e")
-    data = make_odir(out / "data", n_patients=100, size=96, seed=1, aspect=1.3,
-                     prevalence={"N": 0.4, "C": 0.6}, write_masks=False)
-    code = main(train_args(data, out, "--no-export", "--set", "data.labels=[N, C]", "--set", "data.image_size=64",
-                           "--set", "train.epochs=6", "--set", "data.split.test=0.3"))
+    data = make_odir(
+        out / "data", n_patients=100, size=96, seed=1, aspect=1.3, prevalence={"N": 0.4, "C": 0.6}, write_masks=False
+    )
+    code = main(
+        train_args(
+            data,
+            out,
+            "--no-export",
+            "--set",
+            "data.labels=[N, C]",
+            "--set",
+            "data.image_size=64",
+            "--set",
+            "train.epochs=6",
+            "--set",
+            "data.split.test=0.3",
+        )
+    )
     assert code == 0
     run = out / "runs" / "demo_synthetic"
     for split in ("val", "test"):
@@ -62,5 +76,17 @@ def trained(tmp_path_factory):
 
 def train_args(data, out, *extra):
     """``kfundus train`` arguments for the demo config, everything written under ``out``."""
-    return ["train", "--config", "demo_synthetic", "--data", str(data), "--set", f"output_dir={out / 'runs'}",
-            "--set", f"data.cache_dir={out / 'cache'}", "--set", f"export.dir={out / 'saved_models'}", *extra]
+    return [
+        "train",
+        "--config",
+        "demo_synthetic",
+        "--data",
+        str(data),
+        "--set",
+        f"output_dir={out / 'runs'}",
+        "--set",
+        f"data.cache_dir={out / 'cache'}",
+        "--set",
+        f"export.dir={out / 'saved_models'}",
+        *extra,
+    ]

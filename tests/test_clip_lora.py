@@ -12,10 +12,10 @@ from sklearn.metrics import roc_auc_score
 
 from kfundus.data.synthetic import make_arrays, make_odir
 from kfundus.errors import ConfigError
-from kfundus.systems.clip_lora.lora import load_adapters, lora_layers, lora_parameter_count, merge_lora, save_adapters
-from kfundus.systems.clip_lora.shadow_loss import ShadowLoss
-from kfundus.systems.clip_lora.model import build_clip_lora, build_vit
 from kfundus.systems.clip_lora.encoders import load_encoder
+from kfundus.systems.clip_lora.lora import load_adapters, lora_layers, lora_parameter_count, merge_lora, save_adapters
+from kfundus.systems.clip_lora.model import build_clip_lora, build_vit
+from kfundus.systems.clip_lora.shadow_loss import ShadowLoss
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CLIP = dict(patch_size=8, hidden_dim=48, num_layers=2, num_heads=2, intermediate_dim=96)
@@ -46,8 +46,9 @@ def test_encoder_from_preset_folder_config_and_errors(preset):
     table = bigger.embedding.position_embedding.embeddings.numpy()
     assert table.shape == (1 + 36, 48)
     np.testing.assert_array_equal(table[0], original.embedding.position_embedding.embeddings.numpy()[0])
-    np.testing.assert_array_equal(bigger.get_layer("encoder_block_1").get_weights()[0],
-                                  original.get_layer("encoder_block_1").get_weights()[0])
+    np.testing.assert_array_equal(
+        bigger.get_layer("encoder_block_1").get_weights()[0], original.get_layer("encoder_block_1").get_weights()[0]
+    )
     # random initialisation from an explicit config: position ids 0..n, not keras-hub's zeros
     fresh = load_encoder("clip", None, SIZE, TINY_CLIP)
     assert fresh.embedding.position_ids.numpy().tolist() == [list(range(17))]
@@ -69,9 +70,11 @@ def _two_eye_data(n, seed):
 
 
 def _compile(model, lr=3e-3):
-    model.compile(keras.optimizers.Adam(lr),
-                  loss={"probabilities": keras.losses.BinaryCrossentropy(), "embedding": ShadowLoss(0.5)},
-                  loss_weights={"probabilities": 1.0, "embedding": 0.5})
+    model.compile(
+        keras.optimizers.Adam(lr),
+        loss={"probabilities": keras.losses.BinaryCrossentropy(), "embedding": ShadowLoss(0.5)},
+        loss_weights={"probabilities": 1.0, "embedding": 0.5},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +97,17 @@ def test_lora_model_learns_and_frozen_weights_stay_bit_identical(trained):
     auroc = roc_auc_score(yv[:, 0], model.predict(xv, verbose=0)["probabilities"][:, 0])
     assert auroc > 0.9, auroc
     trainable = [v.path for v in model.trainable_weights]
-    assert sorted(p.rsplit("/", 1)[-1] for p in trainable) == sorted(["bias", "kernel"] + ["lora_kernel_a", "lora_kernel_b"] * 4)
+    assert sorted(p.rsplit("/", 1)[-1] for p in trainable) == sorted(
+        ["bias", "kernel"] + ["lora_kernel_a", "lora_kernel_b"] * 4
+    )
     assert len(frozen) > 20
     changed = [v.path for v in model.weights if not v.trainable and not np.array_equal(frozen[v.path], v.numpy())]
     assert not changed, changed  # every frozen weight (kernels, biases, norms, embeddings) untouched
-    moved = [p for p, before in lora_before.items()
-             if not np.array_equal(before, next(v for v in model.trainable_weights if v.path == p).numpy())]
+    moved = [
+        p
+        for p, before in lora_before.items()
+        if not np.array_equal(before, next(v for v in model.trainable_weights if v.path == p).numpy())
+    ]
     assert sorted(moved) == sorted(lora_before)  # and every LoRA factor / head weight trained
     share = lora_parameter_count(model.get_layer("encoder"))
     # 2 blocks x (q, v) x (A: hidden x r, B: r x hidden), the paper's rank-r update
@@ -121,8 +129,9 @@ def test_lora_update_is_the_papers_rank_r_matrix_and_per_head_is_keras():
     expected = x @ (kernel + (8 / 4) * update) + query.bias.numpy().reshape(48)
     np.testing.assert_allclose(np.asarray(query(x)).reshape(3, 5, 48), expected, atol=1e-5)
     assert not np.allclose(expected, x @ kernel + query.bias.numpy().reshape(48), atol=1e-2)  # the update counts
-    per_head = build_clip_lora(1, image_size=SIZE, encoder_config=TINY_CLIP, lora_rank=4, lora_alpha=8,
-                               lora_per_head=True)
+    per_head = build_clip_lora(
+        1, image_size=SIZE, encoder_config=TINY_CLIP, lora_rank=4, lora_alpha=8, lora_per_head=True
+    )
     query = lora_layers(per_head.get_layer("encoder"), ["query"])[0]
     assert type(query) is keras.layers.EinsumDense
     assert query.lora_kernel_a.shape == (48, 2, 4) and query.lora_kernel_b.shape == (4, 24)
@@ -152,13 +161,22 @@ def test_merged_model_equals_lora_model_and_exports(trained, tmp_path):
     model, _, _, (xv, _), _ = trained
     merged = merge_lora(model)
     assert not any("lora" in v.path for v in merged.weights)
-    assert merged.count_params() == model.count_params() - lora_parameter_count(model.get_layer("encoder"))["lora_parameters"]
+    assert (
+        merged.count_params()
+        == model.count_params() - lora_parameter_count(model.get_layer("encoder"))["lora_parameters"]
+    )
     sample = {k: v[:4] for k, v in xv.items()}
     for key in ("probabilities", "embedding"):
-        np.testing.assert_allclose(merged.predict(sample, verbose=0)[key], model.predict(sample, verbose=0)[key],
-                                   atol=1e-5)
-    paths = export_bundle(merged, tmp_path / "bundle", labels={"probabilities": ["C"]},
-                          formats=("saved_model", "tflite"), sample_inputs=sample)
+        np.testing.assert_allclose(
+            merged.predict(sample, verbose=0)[key], model.predict(sample, verbose=0)[key], atol=1e-5
+        )
+    paths = export_bundle(
+        merged,
+        tmp_path / "bundle",
+        labels={"probabilities": ["C"]},
+        formats=("saved_model", "tflite"),
+        sample_inputs=sample,
+    )
     # export_bundle itself fails on a Flex op or a parity error > 1e-4; checked here again
     # against the un-merged LoRA model
     assert not has_flex_ops(paths["tflite"])
@@ -190,9 +208,16 @@ def test_per_eye_vit_variant_full_finetune_and_token_gradcam():
     y = (rng.uniform(size=n) < 0.5).astype("float32")[:, None]
     where = rng.integers(0, 4, (n, 2)) * 8
     for i in np.flatnonzero(y[:, 0]):
-        x[i, where[i, 0]:where[i, 0] + 8, where[i, 1]:where[i, 1] + 8] = 250
-    clip = build_clip_lora(1, image_size=SIZE, encoder_config=TINY_CLIP, lora_rank=8, lora_alpha=16,
-                           lora_targets=["attention", "mlp"], dropout=0)
+        x[i, where[i, 0] : where[i, 0] + 8, where[i, 1] : where[i, 1] + 8] = 250
+    clip = build_clip_lora(
+        1,
+        image_size=SIZE,
+        encoder_config=TINY_CLIP,
+        lora_rank=8,
+        lora_alpha=16,
+        lora_targets=["attention", "mlp"],
+        dropout=0,
+    )
     _compile(clip, lr=3e-3)
     clip.fit(x[:200], {"probabilities": y[:200], "embedding": y[:200]}, epochs=10, batch_size=20, verbose=0)
     probs = clip.predict(x[200:], verbose=0)["probabilities"][:, 0]
@@ -202,7 +227,7 @@ def test_per_eye_vit_variant_full_finetune_and_token_gradcam():
     positives = np.flatnonzero(y[200:, 0]) + 200
     maps = explainer(x[positives], 0)
     assert maps.shape == (len(positives), SIZE, SIZE) and maps.min() >= 0 and maps.max() <= 1
-    inside = [m[r:r + 8, c:c + 8].sum() / max(m.sum(), 1e-9) for m, (r, c) in zip(maps, where[positives])]
+    inside = [m[r : r + 8, c : c + 8].sum() / max(m.sum(), 1e-9) for m, (r, c) in zip(maps, where[positives])]
     assert np.mean(inside) > 3 * (64 / SIZE**2), np.mean(inside)  # energy share > 3x the square's area share
     np.testing.assert_allclose(explainer.predict(x[positives]), probs[positives - 200][:, None], atol=1e-5)
 
@@ -215,11 +240,33 @@ def test_sweep_trains_evaluates_and_compares(tmp_path):
     data = make_odir(tmp_path / "data", n_patients=60, size=64, seed=4, write_masks=False)
     out = tmp_path / "sweep"
     tiny = json.dumps(TINY_CLIP).replace('"', "")
-    args = ["sweep", "--config", "odir_clip_lora_shadow", "--data", str(data),
-            "--out", str(out), "--grid", "model.options.lora_rank=2,4", "--grid", "train.loss_options.margin=0.3",
-            "--set", "model.weights=null", "--set", f"model.options.encoder_config={tiny}",
-            "--set", f"data.image_size={SIZE}", "--set", "train.epochs=2", "--set", "train.learning_rate=0.003",
-            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.split.test=0.3"]
+    args = [
+        "sweep",
+        "--config",
+        "odir_clip_lora_shadow",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--grid",
+        "model.options.lora_rank=2,4",
+        "--grid",
+        "train.loss_options.margin=0.3",
+        "--set",
+        "model.weights=null",
+        "--set",
+        f"model.options.encoder_config={tiny}",
+        "--set",
+        f"data.image_size={SIZE}",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "train.learning_rate=0.003",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "--set",
+        "data.split.test=0.3",
+    ]
     assert main(args) == 0
     table = pd.read_csv(out / "comparison.csv")
     assert table["lora_rank"].tolist() == [2, 4] and table["margin"].tolist() == [0.3, 0.3]

@@ -12,8 +12,15 @@ SHIPPED = sorted(shipped_configs())
 
 
 def test_the_published_setups_ship_with_the_package():
-    assert {"odir_clip_lora_shadow", "retclip_pretrain", "fundus_dual_stream_wlsr", "oct_dual_stream_wlsr",
-            "rfmid_efficientnet_b0", "hr_transfer", "demo_synthetic"} <= set(SHIPPED)
+    assert {
+        "odir_clip_lora_shadow",
+        "retclip_pretrain",
+        "fundus_dual_stream_wlsr",
+        "oct_dual_stream_wlsr",
+        "rfmid_efficientnet_b0",
+        "hr_transfer",
+        "demo_synthetic",
+    } <= set(SHIPPED)
     for path in shipped_configs().values():  # package data, inside the installed package
         assert path.parent.name == "configs" and path.parent.parent.name == "kfundus"
 
@@ -75,15 +82,25 @@ def test_bad_values_are_rejected(tmp_path):
         load_config(tmp_path / "absent.yaml")
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.epochs=0", "train.epochs"), ("train.batch_size=0", "train.batch_size"),
-    ("train.batch_size=-4", "train.batch_size"), ("data.image_size=8", "data.image_size"),
-    ("data.split.val=1.2", "data.split.val"), ("data.split.test=-0.1", "data.split.test"),
-    ("train.learning_rate=0", "train.learning_rate"), ("model.dropout=1", "model.dropout"),
-    ("train.warmup_epochs=-1", "train.warmup_epochs"), ("data.augment.zoom=2", "data.augment.zoom"),
-    ("train.checkpoint=worst", "train.checkpoint"), ("transfer.folds=1", "transfer.folds"),
-    ("train.ema=1.5", "train.ema"), ("distribution=gpus", "distribution"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.epochs=0", "train.epochs"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.batch_size=-4", "train.batch_size"),
+        ("data.image_size=8", "data.image_size"),
+        ("data.split.val=1.2", "data.split.val"),
+        ("data.split.test=-0.1", "data.split.test"),
+        ("train.learning_rate=0", "train.learning_rate"),
+        ("model.dropout=1", "model.dropout"),
+        ("train.warmup_epochs=-1", "train.warmup_epochs"),
+        ("data.augment.zoom=2", "data.augment.zoom"),
+        ("train.checkpoint=worst", "train.checkpoint"),
+        ("transfer.folds=1", "transfer.folds"),
+        ("train.ema=1.5", "train.ema"),
+        ("distribution=gpus", "distribution"),
+    ],
+)
 def test_values_out_of_range_name_the_key_and_a_fix(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
         load_config("demo_synthetic", [override])
@@ -91,8 +108,10 @@ def test_values_out_of_range_name_the_key_and_a_fix(override, key):
 
 
 def test_importing_the_config_loads_no_tensorflow():
-    code = ("import sys; from kfundus.config import load_config; load_config('odir_clip_lora_shadow'); "
-            "print(sorted(m for m in ('tensorflow', 'keras', 'keras_hub') if m in sys.modules))")
+    code = (
+        "import sys; from kfundus.config import load_config; load_config('odir_clip_lora_shadow'); "
+        "print(sorted(m for m in ('tensorflow', 'keras', 'keras_hub') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -16,7 +16,7 @@ def disk_image(size=48, radius=20, seed=0):
     """Random colours inside a centred disk, black outside (a cropped fundus field)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
-    disk = (yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 <= radius ** 2
+    disk = (yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 <= radius**2
     image = rng.uniform(20, 255, (size, size, 3)) * disk[..., None]
     return image.astype("float32"), disk
 
@@ -61,7 +61,9 @@ def test_efficientnet_option_saves_loads_and_keeps_the_layer(tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path)
     image, _ = disk_image(size=32, radius=14)
-    np.testing.assert_allclose(np.asarray(loaded({"image": image[None]})), np.asarray(model({"image": image[None]})), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(loaded({"image": image[None]})), np.asarray(model({"image": image[None]})), atol=1e-6
+    )
     # the layer changes what the backbone sees: the same weights without it give other features
     plain = build_efficientnet_b0(2, image_size=32)
     plain.set_weights(model.get_weights())
@@ -83,16 +85,29 @@ def test_option_exports_to_float32_and_int8_tflite(tmp_path):
 
     model = build_efficientnet_b0(2, image_size=32, local_contrast=True)
     images = make_arrays(16, size=32, labels=("D", "C"), seed=0)[0].astype("float32")
-    export_bundle(model, tmp_path, labels=["D", "C"], formats=("tflite",), tflite_variants=("float32", "int8"),
-                  calibration={"image": images}, check=False)
+    export_bundle(
+        model,
+        tmp_path,
+        labels=["D", "C"],
+        formats=("tflite",),
+        tflite_variants=("float32", "int8"),
+        calibration={"image": images},
+        check=False,
+    )
     for name in ("model.tflite", "model_int8.tflite"):
         assert not has_flex_ops(tmp_path / name) and "DEPTHWISE_CONV_2D" in tflite_ops(tmp_path / name)
     got = run_tflite(tmp_path / "model.tflite", {"image": images})["probabilities"]
     np.testing.assert_allclose(got, np.asarray(model(images)), atol=1e-4)
-    code = ("import sys, numpy as np; from kfundus.deploy.tflite import run_tflite; "
-            "out = run_tflite(sys.argv[1], {'image': np.load(sys.argv[2])})['probabilities']; "
-            "assert out.shape == (16, 2) and np.isfinite(out).all(); print('ok')")
+    code = (
+        "import sys, numpy as np; from kfundus.deploy.tflite import run_tflite; "
+        "out = run_tflite(sys.argv[1], {'image': np.load(sys.argv[2])})['probabilities']; "
+        "assert out.shape == (16, 2) and np.isfinite(out).all(); print('ok')"
+    )
     np.save(tmp_path / "x.npy", images)
-    child = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model_int8.tflite"), str(tmp_path / "x.npy")],
-                           capture_output=True, text=True, timeout=300)
+    child = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "model_int8.tflite"), str(tmp_path / "x.npy")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert child.returncode == 0 and "ok" in child.stdout, child.stderr[-2000:]

@@ -3,6 +3,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -11,9 +12,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from kfundus.deploy import saved_model as export
 from kfundus.cli import main
 from kfundus.data.pipeline import Preprocess, make_dataset, prepare
+from kfundus.deploy import saved_model as export
 from kfundus.deploy.tflite import TFLITE_FILES, has_flex_ops, run_tflite
 from tests.test_pipeline import fundus_like, manifest_of, write
 
@@ -37,7 +38,7 @@ def test_bytes_signature_feeds_the_model_what_training_does(tmp_path, request):
     base = fundus_like(80, 100, 38, value=(200, 120, 60))
     files.append(write(tmp_path / "grey.png", base[..., 0]))
     files.append(write(tmp_path / "rgba.png", np.dstack([base, np.full(base.shape[:2], 255, np.uint8)])))
-    sixteen = (base[..., 1].astype(np.uint16) * 257)
+    sixteen = base[..., 1].astype(np.uint16) * 257
     Image.fromarray(sixteen).save(tmp_path / "sixteen.png")
     files.append(str(tmp_path / "sixteen.png"))
     for name in ("odir_sample", "idrid_grading"):  # a real 400 px JPEG, a 12 MP one (DCT-reduced decode)
@@ -50,8 +51,9 @@ def test_bytes_signature_feeds_the_model_what_training_does(tmp_path, request):
     size = 48
     pre = Preprocess(image_size=size)
     saved = export.export_saved_model(identity_model(size), tmp_path / "sm", preprocess=pre, labels=["r", "g", "b"])
-    served = export.run_saved_model(saved, {"image_bytes": [open(f, "rb").read() for f in files]},
-                                    signature="serving_default")
+    served = export.run_saved_model(
+        saved, {"image_bytes": [Path(f).read_bytes() for f in files]}, signature="serving_default"
+    )
     prepared = prepare(manifest_of(files), pre, cache_dir=tmp_path / "cache", progress=False)
     assert len(prepared) == len(files)
     trained_input = np.concatenate(list(make_dataset(prepared, batch_size=4, with_targets=False).as_numpy_iterator()))
@@ -124,15 +126,34 @@ def test_predict_folder_with_a_corrupt_file_on_each_backend(trained, tmp_path, c
     folder.mkdir()
     for path in test_rows["image"]:
         shutil.copy(path, folder)
-    (folder / "broken.jpg").write_bytes(open(test_rows["image"].iloc[0], "rb").read()[:300])  # truncated
+    (folder / "broken.jpg").write_bytes(Path(test_rows["image"].iloc[0]).read_bytes()[:300])  # truncated
     (folder / "notes.txt").write_text("not an image")  # not listed: not an image extension
 
     tables = {}
-    for backend, extra in (("keras", []), ("saved_model", []), ("tflite", ["--tflite", "float32"]),
-                           ("tflite", ["--tflite", "int8"])):
+    for backend, extra in (
+        ("keras", []),
+        ("saved_model", []),
+        ("tflite", ["--tflite", "float32"]),
+        ("tflite", ["--tflite", "int8"]),
+    ):
         csv = tmp_path / f"{backend}{extra[-1] if extra else ''}.csv"
-        assert main(["predict", "--bundle", str(bundle), "--images", str(folder), "--format", backend,
-                     "--out", str(csv), *extra]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    "--bundle",
+                    str(bundle),
+                    "--images",
+                    str(folder),
+                    "--format",
+                    backend,
+                    "--out",
+                    str(csv),
+                    *extra,
+                ]
+            )
+            == 0
+        )
         tables[csv.stem] = pd.read_csv(csv)
     assert "1 skipped" in capsys.readouterr().out
 
@@ -167,8 +188,22 @@ def test_predict_errors_name_the_fix(trained, tmp_path, capsys):
     assert main(["predict", "--bundle", str(bundle), "--images", str(tmp_path / "nothing-*.jpg")]) == 2
     assert "no image files" in capsys.readouterr().err
     write(tmp_path / "eye.png", fundus_like(40, 40, 18))
-    assert main(["predict", "--bundle", str(bundle), "--images", str(tmp_path), "--format", "tflite",
-                 "--tflite", "model_bf16.tflite"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--bundle",
+                str(bundle),
+                "--images",
+                str(tmp_path),
+                "--format",
+                "tflite",
+                "--tflite",
+                "model_bf16.tflite",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "model_bf16.tflite" in err and "model_int8.tflite" in err
 

@@ -17,8 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kfundus.engine.distribute import (check_distribution, linear_scaled_lr, make_strategy, per_replica_batch,
-                                shard_dataset)
+from kfundus.engine.distribute import (
+    check_distribution,
+    linear_scaled_lr,
+    make_strategy,
+    per_replica_batch,
+    shard_dataset,
+)
 from kfundus.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,8 +37,9 @@ TOLERANCE = 1e-4
 
 def _run(mode: str, *args: str) -> dict:
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, __file__, mode, *args], capture_output=True, text=True, env=env,
-                          timeout=300, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, __file__, mode, *args], capture_output=True, text=True, env=env, timeout=300, cwd=REPO
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -74,7 +80,7 @@ def test_shards_partition_the_rows():
 
     rows = tf.data.Dataset.range(10)
     parts = [sorted(int(v) for v in shard_dataset(rows, 3, i)) for i in range(3)]
-    assert sorted(sum(parts, [])) == list(range(10)) and all(parts)
+    assert sorted(v for part in parts for v in part) == list(range(10)) and all(parts)
     assert not set(parts[0]) & set(parts[1])
     with pytest.raises(ConfigError, match="outside"):
         shard_dataset(rows, 2, 2)
@@ -142,8 +148,9 @@ def _trajectory() -> dict:
             start = model.get_weights()
             # BCE on the label output (the in-batch Shadow loss on the embedding sees only
             # each replica's half of the batch, so it is left out of the equivalence test)
-            model.compile(optimizer=keras.optimizers.Adam(3e-3),
-                          loss={"probabilities": make_loss("bce", "multilabel", y)})
+            model.compile(
+                optimizer=keras.optimizers.Adam(3e-3), loss={"probabilities": make_loss("bce", "multilabel", y)}
+            )
         ds = tf.data.Dataset.from_tensor_slices((x, {"probabilities": y})).batch(batch).repeat()
         history = model.fit(ds, epochs=STEPS, steps_per_epoch=1, verbose=0)  # one batch per "epoch"
         return history.history["loss"], start, strategy.num_replicas_in_sync
@@ -166,14 +173,28 @@ def _train(tmp: str) -> dict:
     tmp = Path(tmp)
     data = make_odir(tmp / "data", n_patients=60, size=64, seed=1, write_masks=False)
     tiny = json.dumps(TINY_VIT).replace('"', "")
-    config = load_config("odir_clip_lora_shadow", [
-        "distribution=mirrored", "model.name=vit", "model.weights=null", f"model.options.encoder_config={tiny}",
-        f"data.image_size={SIZE}", "train.epochs=2", "train.batch_size=8", f"data.cache_dir={tmp / 'cache'}",
-        "data.split.test=0.2", "export.formats=[]"])
+    config = load_config(
+        "odir_clip_lora_shadow",
+        [
+            "distribution=mirrored",
+            "model.name=vit",
+            "model.weights=null",
+            f"model.options.encoder_config={tiny}",
+            f"data.image_size={SIZE}",
+            "train.epochs=2",
+            "train.batch_size=8",
+            f"data.cache_dir={tmp / 'cache'}",
+            "data.split.test=0.2",
+            "export.formats=[]",
+        ],
+    )
     run_dir = train(config, data, tmp / "run")
     history = pd.read_csv(run_dir / "history.csv")
-    return {"replicas": make_strategy("mirrored").num_replicas_in_sync, "model": str(run_dir / "model.keras"),
-            "losses": history["loss"].tolist()}
+    return {
+        "replicas": make_strategy("mirrored").num_replicas_in_sync,
+        "model": str(run_dir / "model.keras"),
+        "losses": history["loss"].tolist(),
+    }
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ from kfundus.data.synthetic import make_dr
 from kfundus.errors import ConfigError
 from kfundus.evaluation import evaluate_run
 from kfundus.labels import DR_GRADES
-from kfundus.systems.dual_stream.wlsr import WeightedLabelSmoothingLoss
 from kfundus.metrics import quadratic_kappa
 from kfundus.systems import build_model
 from kfundus.systems.dual_stream.model import build_dual_stream
 from kfundus.systems.dual_stream.objective import QuadraticWeightedKappa, dual_stream_objective, head_targets
+from kfundus.systems.dual_stream.wlsr import WeightedLabelSmoothingLoss
 from kfundus.workflows.supervised import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def test_streaming_qwk_equals_sklearn_over_batches():
     probs = np.eye(5)[pred] * 0.6 + rng.random((300, 5)) * 0.3  # argmax = pred
     metric = QuadraticWeightedKappa(5)
     for i in range(0, 300, 64):  # batches, state carried over
-        metric.update_state(np.eye(5)[truth[i:i + 64]], probs[i:i + 64])
+        metric.update_state(np.eye(5)[truth[i : i + 64]], probs[i : i + 64])
     expected = cohen_kappa_score(truth, pred, weights="quadratic", labels=range(5))
     assert float(metric.result()) == pytest.approx(expected, abs=1e-5)
     assert float(metric.result()) == pytest.approx(quadratic_kappa(truth, pred, n_classes=5), abs=1e-5)
@@ -75,8 +75,12 @@ def test_bad_options_are_config_errors():
     config = load_config(FUNDUS, ["model.options.depht=3"])
     with pytest.raises(ConfigError, match="depht"):
         build_model(config.model, num_outputs=5, image_size=32, task="multiclass")
-    for options, match in [({"normalization": "ct"}, "normalization"), ({"streams": "three"}, "streams"),
-                           ({"depth": 9}, "depth"), ({"fusion": "mul"}, "fusion")]:
+    for options, match in [
+        ({"normalization": "ct"}, "normalization"),
+        ({"streams": "three"}, "streams"),
+        ({"depth": 9}, "depth"),
+        ({"fusion": "mul"}, "fusion"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             build_dual_stream(5, image_size=64, **options)
     with pytest.raises(ConfigError, match="eye-level"):
@@ -100,8 +104,9 @@ def test_objective_targets_losses_and_metrics_per_head(tmp_path):
     # WLSRL class weights from the training frequencies: N / (K n_k)
     grade_loss, abnormal_loss = objective.loss["dr_grade"], objective.loss["abnormal"]
     assert isinstance(grade_loss, WeightedLabelSmoothingLoss)
-    np.testing.assert_allclose(grade_loss.class_weights, [12 / (5 * 6), 12 / 5, 12 / (5 * 2), 12 / 5, 12 / (5 * 2)],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        grade_loss.class_weights, [12 / (5 * 6), 12 / 5, 12 / (5 * 2), 12 / 5, 12 / (5 * 2)], rtol=1e-6
+    )
     np.testing.assert_allclose(abnormal_loss.class_weights, [[1.0, 1.0]])  # 6 normal, 6 abnormal
     names = {h: [m.name for m in ms] for h, ms in objective.metrics.items()}
     assert names["dr_grade"] == ["accuracy", "macro_f1", "auroc", "qwk"]
@@ -132,10 +137,22 @@ def test_objective_option_errors(tmp_path):
 def test_learns_both_fundus_tasks_from_synthetic_grades(tmp_path):
     """DR grade (TF2) and normal/abnormal (TF1) from one EyePACS-layout grade table."""
     data = make_dr(tmp_path / "data", n_patients=100, size=64, seed=2, shares=(0.3, 0.15, 0.25, 0.15, 0.15))
-    config = load_config(FUNDUS, [
-        f"output_dir={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}", "data.image_size=64",
-        "model.options.depth=3", "model.options.width=16", "train.epochs=12", "train.learning_rate=0.003",
-        "data.augment.zoom=0", "data.augment.contrast=0", "data.augment.brightness=0", "data.split.test=0.25"])
+    config = load_config(
+        FUNDUS,
+        [
+            f"output_dir={tmp_path / 'runs'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.image_size=64",
+            "model.options.depth=3",
+            "model.options.width=16",
+            "train.epochs=12",
+            "train.learning_rate=0.003",
+            "data.augment.zoom=0",
+            "data.augment.contrast=0",
+            "data.augment.brightness=0",
+            "data.split.test=0.25",
+        ],
+    )
     run = train(config, str(data))
     metrics = evaluate_run(run, data, split="test", gallery=False)
     print("fundus test:", metrics["quadratic_kappa"], metrics["macro_auroc"], metrics["heads"]["abnormal"]["auroc"])

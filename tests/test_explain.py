@@ -12,11 +12,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from kfundus.explain import cam as explain
-from kfundus.explain import saliency
 from kfundus.data.pipeline import Preprocess, preprocess_image
 from kfundus.data.synthetic import make_odir
 from kfundus.errors import ConfigError, DataError
+from kfundus.explain import cam as explain
+from kfundus.explain import saliency
 from kfundus.labels import odir_keywords_to_labels
 
 LABELS = ["D", "G", "A"]
@@ -46,8 +46,13 @@ def trained(tmp_path_factory):
     """Synthetic ODIR data favouring D, G, A, and a small CNN trained on 70 % of it."""
     from sklearn.metrics import roc_auc_score
 
-    root = make_odir(tmp_path_factory.mktemp("odir"), n_patients=160, size=96, seed=0, prevalence={
-        "N": 0.2, "D": 0.5, "G": 0.4, "A": 0.5, "C": 0, "H": 0, "M": 0, "O": 0})
+    root = make_odir(
+        tmp_path_factory.mktemp("odir"),
+        n_patients=160,
+        size=96,
+        seed=0,
+        prevalence={"N": 0.2, "D": 0.5, "G": 0.4, "A": 0.5, "C": 0, "H": 0, "M": 0, "O": 0},
+    )
     table = pd.read_csv(root / "annotation.csv")
     paths, y = [], []
     for row in table.itertuples(index=False):
@@ -154,7 +159,7 @@ def test_two_eye_models_are_refused_clearly():
 def test_mixed_precision_maps_are_float32_and_match_float32_model(trained):
     """The trained weights in a mixed_float16 copy: the activation is float16, the maps are
     finite float32 and agree with the float32 model's."""
-    x = trained["x"][trained["n_train"]:][:24]
+    x = trained["x"][trained["n_train"] :][:24]
     reference = explain.gradcam(trained["model"], x, 1)
     previous = keras.mixed_precision.global_policy().name
     try:
@@ -201,15 +206,17 @@ def test_localisation_metrics_by_hand():
 def test_learned_lesions_are_localised(trained):
     """The issue's bar on held-out positives: CAM energy inside the lesion masks >= 3x the
     share of image area they cover, for a model that learned the labels (AUROC > 0.9)."""
-    held_out = trained["paths"][trained["n_train"]:]
+    held_out = trained["paths"][trained["n_train"] :]
     assert all(v > 0.9 for v in trained["auroc"].values()), trained["auroc"]
-    report = saliency.localisation_report(trained["model"], trained["root"], LABELS, trained["pre"],
-                                          images=held_out, tolerance=0).set_index("label")
-    tolerant = saliency.localisation_report(trained["model"], trained["root"], LABELS, trained["pre"],
-                                            images=held_out, tolerance=3).set_index("label")
+    report = saliency.localisation_report(
+        trained["model"], trained["root"], LABELS, trained["pre"], images=held_out, tolerance=0
+    ).set_index("label")
+    tolerant = saliency.localisation_report(
+        trained["model"], trained["root"], LABELS, trained["pre"], images=held_out, tolerance=3
+    ).set_index("label")
     report["pointing_game_3px"] = tolerant["pointing_game"]
     print("\n" + report.round(3).to_string())
-    y = trained["y"][trained["n_train"]:]
+    y = trained["y"][trained["n_train"] :]
     assert report["images"].to_dict() == {k: int(y[:, i].sum()) for i, k in enumerate(LABELS)}
     for label in LABELS:
         row = report.loc[label]
@@ -219,8 +226,11 @@ def test_learned_lesions_are_localised(trained):
         assert row["pointing_game_3px"] >= 0.5, (label, row.to_dict())
     # whole-field findings are left out by default
     all_labels = ["N", "D", "C", "G"]
-    assert list(saliency.localisation_report(small_cnn(outputs=4), trained["root"], all_labels,
-                                             trained["pre"], images=held_out[:2])["label"]) == ["D", "G"]
+    assert list(
+        saliency.localisation_report(
+            small_cnn(outputs=4), trained["root"], all_labels, trained["pre"], images=held_out[:2]
+        )["label"]
+    ) == ["D", "G"]
 
 
 def test_randomised_model_gives_different_maps(trained):
@@ -228,11 +238,18 @@ def test_randomised_model_gives_different_maps(trained):
     averaged over 8 re-initialisations. Measured over 6 seeds of those 8: mean Spearman
     0.06-0.33 (D), 0.00-0.14 (G), 0.07-0.18 (A); a single draw ranged -0.3 to 0.7 for D,
     whose red and yellow dots are the strongest local contrasts even for random filters."""
-    x, y = trained["x"][trained["n_train"]:], trained["y"][trained["n_train"]:]
+    x, y = trained["x"][trained["n_train"] :], trained["y"][trained["n_train"] :]
     for c, label in enumerate(LABELS):
         result = saliency.randomisation_check(trained["model"], x[y[:, c] == 1], c, repeats=8, seed=c)
-        print(label, "mean Spearman trained vs randomised:", round(result["mean_spearman"], 3),
-              "undefined:", result["n_undefined"], "of", result["spearman"].size)
+        print(
+            label,
+            "mean Spearman trained vs randomised:",
+            round(result["mean_spearman"], 3),
+            "undefined:",
+            result["n_undefined"],
+            "of",
+            result["spearman"].size,
+        )
         assert result["spearman"].shape == (8, int(y[:, c].sum()))
         assert result["n_undefined"] <= result["spearman"].size // 2
         assert result["mean_spearman"] < 0.5, (label, result["mean_spearman"])
@@ -258,10 +275,18 @@ def test_overlay_colours():
 
 
 def test_save_overlays_predicted_and_chosen(trained, tmp_path):
-    paths = trained["paths"][trained["n_train"]:][:10]
-    probs = trained["model"].predict(trained["x"][trained["n_train"]:][:10], verbose=0)
-    table = explain.save_overlays(trained["model"], paths, tmp_path / "pred", labels=LABELS,
-                                  preprocess=trained["pre"], threshold=0.5, batch_size=4, progress=False)
+    paths = trained["paths"][trained["n_train"] :][:10]
+    probs = trained["model"].predict(trained["x"][trained["n_train"] :][:10], verbose=0)
+    table = explain.save_overlays(
+        trained["model"],
+        paths,
+        tmp_path / "pred",
+        labels=LABELS,
+        preprocess=trained["pre"],
+        threshold=0.5,
+        batch_size=4,
+        progress=False,
+    )
     expected = {(str(p), k) for p, row in zip(paths, probs) for k, v in zip(LABELS, row) if v > 0.5}
     assert set(zip(table["image"], table["label"])) == expected and len(table) == len(expected)
     for row in table.itertuples(index=False):
@@ -272,17 +297,32 @@ def test_save_overlays_predicted_and_chosen(trained, tmp_path):
             png.verify()
         with Image.open(row.file) as png:
             assert png.format == "PNG" and png.width > 2 * png.height * 0.9
-    chosen = explain.save_overlays(trained["model"], paths[:3], tmp_path / "g", labels=LABELS,
-                                   preprocess=trained["pre"], classes=["G"], progress=False)
+    chosen = explain.save_overlays(
+        trained["model"],
+        paths[:3],
+        tmp_path / "g",
+        labels=LABELS,
+        preprocess=trained["pre"],
+        classes=["G"],
+        progress=False,
+    )
     assert list(chosen["label"]) == ["G"] * 3 and all("__G_" in f for f in chosen["file"])
     with pytest.raises(ConfigError, match="not one of"):
-        explain.save_overlays(trained["model"], paths[:1], tmp_path / "x", labels=LABELS,
-                              preprocess=trained["pre"], classes=["Q"])
+        explain.save_overlays(
+            trained["model"], paths[:1], tmp_path / "x", labels=LABELS, preprocess=trained["pre"], classes=["Q"]
+        )
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff not really a JPEG")
     with pytest.raises(DataError, match="broken.jpg"):
-        explain.save_overlays(trained["model"], [paths[0], bad], tmp_path / "x", labels=LABELS,
-                              preprocess=trained["pre"], classes="G", progress=False)
+        explain.save_overlays(
+            trained["model"],
+            [paths[0], bad],
+            tmp_path / "x",
+            labels=LABELS,
+            preprocess=trained["pre"],
+            classes="G",
+            progress=False,
+        )
 
 
 def test_main_explain_with_a_run_folder(trained, tmp_path, capsys):

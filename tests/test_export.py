@@ -52,15 +52,17 @@ def small_net():
 def two_eye_net():
     """Shared encoder over both eyes, two named heads (multi-task)."""
     encoder = keras.Sequential(
-        [ScaleToUnit(), keras.layers.Conv2D(8, 3, activation="relu"),
-         keras.layers.GlobalAveragePooling2D()], name="encoder")
+        [ScaleToUnit(), keras.layers.Conv2D(8, 3, activation="relu"), keras.layers.GlobalAveragePooling2D()],
+        name="encoder",
+    )
     left = keras.Input((32, 32, 3), name="left_image")
     right = keras.Input((32, 32, 3), name="right_image")
     x = keras.layers.Concatenate()([encoder(left), encoder(right)])
     probs = keras.layers.Dense(len(ODIR), activation="sigmoid", name="probabilities")(x)
     grade = keras.layers.Dense(len(GRADES), activation="softmax", name="grade")(x)
-    return keras.Model({"left_image": left, "right_image": right},
-                       {"probabilities": probs, "grade": grade}, name="two_eye")
+    return keras.Model(
+        {"left_image": left, "right_image": right}, {"probabilities": probs, "grade": grade}, name="two_eye"
+    )
 
 
 def images(batch, seed, names=("image",)):
@@ -98,7 +100,12 @@ def small_bundle(tmp_path_factory):
 def test_small_net_bundle_matches_keras(small_bundle):
     model, out, paths = small_bundle
     assert {p.name for p in out.iterdir()} >= {
-        "model.keras", "saved_model", "model.tflite", "labels.txt", "model_card.json"}
+        "model.keras",
+        "saved_model",
+        "model.tflite",
+        "labels.txt",
+        "model_card.json",
+    }
     for batch, seed in ((1, 1), (5, 2)):  # the TFLite input is resized to each batch
         inputs = images(batch, seed)
         want = keras_outputs(model, inputs)
@@ -123,10 +130,8 @@ def test_labels_and_model_card(small_bundle):
     assert paths["labels"].read_text().splitlines() == ODIR
     report = json.loads((out / "model_card.json").read_text())
     assert report["inputs"] == [{"name": "image", "shape": [None, 32, 32, 3], "dtype": "float32"}]
-    assert report["outputs"] == [
-        {"name": "probabilities", "shape": [None, 3], "dtype": "float32"}]
-    assert report["formats"] == {
-        "keras": "model.keras", "saved_model": "saved_model", "tflite": "model.tflite"}
+    assert report["outputs"] == [{"name": "probabilities", "shape": [None, 3], "dtype": "float32"}]
+    assert report["formats"] == {"keras": "model.keras", "saved_model": "saved_model", "tflite": "model.tflite"}
     assert report["signatures"]["serving_default"]["inputs"] == {"image_bytes": "string[None]"}
     assert report["signatures"]["serving_default"]["outputs"] == ["labels", "probabilities"]
     assert report["signatures"]["serving_preprocessed"]["inputs"] == {"image": "float32[None, 32, 32, 3]"}
@@ -143,8 +148,7 @@ def test_labels_and_model_card(small_bundle):
 def test_interpreter_sees_the_keras_names(small_bundle):
     _, _, paths = small_bundle
     interpreter = tf.lite.Interpreter(model_path=str(paths["tflite"]))
-    assert interpreter.get_signature_list() == {
-        "serving_default": {"inputs": ["image"], "outputs": ["probabilities"]}}
+    assert interpreter.get_signature_list() == {"serving_default": {"inputs": ["image"], "outputs": ["probabilities"]}}
 
 
 def test_two_eye_mixed_precision_model(tmp_path):
@@ -179,8 +183,7 @@ def test_two_eye_mixed_precision_model(tmp_path):
 
 
 def test_efficientnet_b0_has_only_builtin_ops(tmp_path):
-    backbone = keras.applications.EfficientNetB0(
-        include_top=False, weights=None, input_shape=(32, 32, 3))
+    backbone = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(32, 32, 3))
     image = keras.Input((32, 32, 3), name="image")
     features = keras.layers.GlobalAveragePooling2D(name="features")(backbone(image))
     probs = keras.layers.Dense(4, activation="sigmoid", name="probabilities")(features)
@@ -204,8 +207,9 @@ def test_flex_only_op_raises_clear_error(tmp_path):
     out = keras.layers.Flatten(name="probabilities")(MatrixInverse()(matrix))
     model = keras.Model(matrix, out)
     with pytest.raises(export.ExportError, match=r"MatrixInverse.*ops TFLite supports"):
-        export.export_bundle(model, tmp_path, labels=[str(i) for i in range(9)],
-                             formats=("saved_model", "tflite"), check=False)
+        export.export_bundle(
+            model, tmp_path, labels=[str(i) for i in range(9)], formats=("saved_model", "tflite"), check=False
+        )
     assert not (tmp_path / "model.tflite").exists()
 
 
@@ -215,8 +219,7 @@ def test_has_flex_ops_on_select_tf_ops_model(tmp_path):
     model = keras.Model(matrix, MatrixInverse()(matrix))
     saved = export.export_saved_model(model, tmp_path / "sm")
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
-    converter.target_spec.supported_ops = [
-        tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
     path = tmp_path / "flex.tflite"
     path.write_bytes(converter.convert())
     assert "FlexMatrixInverse" in tflite.tflite_ops(path)
@@ -225,8 +228,7 @@ def test_has_flex_ops_on_select_tf_ops_model(tmp_path):
 
 def test_dynamic_int8_is_smaller_and_close(small_bundle, tmp_path):
     model, _, paths = small_bundle
-    quantized = tflite.convert_tflite(paths["saved_model"], tmp_path / "q.tflite",
-                                      quantization="dynamic_int8")
+    quantized = tflite.convert_tflite(paths["saved_model"], tmp_path / "q.tflite", quantization="dynamic_int8")
     assert quantized.stat().st_size < paths["tflite"].stat().st_size
     interpreter = tf.lite.Interpreter(model_path=str(quantized))
     assert np.int8 in {d["dtype"] for d in interpreter.get_tensor_details()}  # int8 weights
@@ -265,14 +267,14 @@ def test_run_tflite_without_signatures_uses_tensor_names(small_bundle, monkeypat
     inputs = images(2, 8)
     got = tflite.run_tflite(paths["tflite"], inputs)  # "serving_default_image:0" -> "image"
     assert len(got) == 1
-    np.testing.assert_allclose(next(iter(got.values())), keras_outputs(model, inputs)["probabilities"],
-                               rtol=0, atol=1e-4)
+    np.testing.assert_allclose(
+        next(iter(got.values())), keras_outputs(model, inputs)["probabilities"], rtol=0, atol=1e-4
+    )
 
 
 def test_wrong_input_names_are_named(small_bundle):
     _, _, paths = small_bundle
     x = images(1, 7)["image"]
-    for run, path in ((tflite.run_tflite, paths["tflite"]),
-                      (export.run_saved_model, paths["saved_model"])):
+    for run, path in ((tflite.run_tflite, paths["tflite"]), (export.run_saved_model, paths["saved_model"])):
         with pytest.raises(export.ExportError, match=r"\['image'\].*\['left_image'\]"):
             run(path, {"left_image": x})

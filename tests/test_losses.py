@@ -15,7 +15,8 @@ def test_weighted_bce_equals_hand_computation():
     assert got == pytest.approx(expected, rel=1e-5)
     # with unit weights it is Keras' BCE
     assert float(WeightedBinaryCrossentropy([1, 1, 1])(y, p)) == pytest.approx(
-        float(keras.losses.BinaryCrossentropy()(y, p)), rel=1e-5)
+        float(keras.losses.BinaryCrossentropy()(y, p)), rel=1e-5
+    )
 
 
 def test_positive_weights_from_frequencies_capped():
@@ -44,6 +45,7 @@ def test_make_loss_choices_and_serialisation(tmp_path):
 
 # --- weighted label smoothing (WLSRL) -------------------------------------------------
 
+
 def test_wlsr_categorical_equals_hand_computation_with_a_class_absent_from_the_batch():
     from kfundus.losses import class_weights
     from kfundus.systems.dual_stream.wlsr import WeightedLabelSmoothingLoss
@@ -63,14 +65,18 @@ def test_wlsr_categorical_equals_hand_computation_with_a_class_absent_from_the_b
     absent_part = np.mean([weights[3] * eps / 4 * -np.log(pi[3]) for pi in p])
     assert absent_part > 0.05 * got
     # weight_by="sample" (default): w_{true class} * sum_k ((1 - eps) y_k + eps / K) (-log p_k)
-    by_sample = [weights[int(np.argmax(yi))] * sum(((1 - eps) * yi[k] + eps / 4) * -np.log(pi[k]) for k in range(4))
-                 for yi, pi in zip(y, p)]
+    by_sample = [
+        weights[int(np.argmax(yi))] * sum(((1 - eps) * yi[k] + eps / 4) * -np.log(pi[k]) for k in range(4))
+        for yi, pi in zip(y, p)
+    ]
     assert float(WeightedLabelSmoothingLoss(weights, epsilon=eps)(y, p)) == pytest.approx(np.mean(by_sample), rel=1e-5)
     # unit weights: Keras' own label smoothing; eps = 0 as well: plain cross-entropy
     assert float(WeightedLabelSmoothingLoss([1] * 4, epsilon=eps)(y, p)) == pytest.approx(
-        float(keras.losses.CategoricalCrossentropy(label_smoothing=eps)(y, p)), rel=1e-5)
+        float(keras.losses.CategoricalCrossentropy(label_smoothing=eps)(y, p)), rel=1e-5
+    )
     assert float(WeightedLabelSmoothingLoss([1] * 4, epsilon=0.0)(y, p)) == pytest.approx(
-        float(keras.losses.CategoricalCrossentropy()(y, p)), rel=1e-5)
+        float(keras.losses.CategoricalCrossentropy()(y, p)), rel=1e-5
+    )
 
 
 def test_wlsr_binary_equals_hand_computation():
@@ -84,14 +90,17 @@ def test_wlsr_binary_equals_hand_computation():
     eps = 0.1
     s = (1 - eps) * y[:, 0] + eps / 2
     expected = np.mean(-(w1 * s * np.log(p[:, 0]) + w0 * (1 - s) * np.log(1 - p[:, 0])))
-    assert float(WeightedLabelSmoothingLoss([w0, w1], epsilon=eps, mode="binary", weight_by="class")(y, p)) == \
-        pytest.approx(expected, rel=1e-5)
+    assert float(
+        WeightedLabelSmoothingLoss([w0, w1], epsilon=eps, mode="binary", weight_by="class")(y, p)
+    ) == pytest.approx(expected, rel=1e-5)
     ce = -(s * np.log(p[:, 0]) + (1 - s) * np.log(1 - p[:, 0]))
     by_sample = np.mean(np.where(y[:, 0] == 1, w1, w0) * ce)
     assert float(WeightedLabelSmoothingLoss([w0, w1], epsilon=eps, mode="binary")(y, p)) == pytest.approx(
-        by_sample, rel=1e-5)
+        by_sample, rel=1e-5
+    )
     assert float(WeightedLabelSmoothingLoss([1, 1], epsilon=eps, mode="binary")(y, p)) == pytest.approx(
-        float(keras.losses.BinaryCrossentropy(label_smoothing=eps)(y, p)), rel=1e-5)
+        float(keras.losses.BinaryCrossentropy(label_smoothing=eps)(y, p)), rel=1e-5
+    )
 
 
 def test_wlsr_weights_cap_absent_class_serialisation_and_errors():
@@ -106,10 +115,12 @@ def test_wlsr_weights_cap_absent_class_serialisation_and_errors():
     loss = WeightedLabelSmoothingLoss([[0.5, 2.0], [1.0, 1.0]], epsilon=0.05, mode="binary", weight_by="class")
     clone = keras.losses.deserialize(keras.losses.serialize(loss))
     assert isinstance(clone, WeightedLabelSmoothingLoss) and clone.get_config() == loss.get_config()
-    for kwargs, match in [({"class_weights": [1, 1], "epsilon": 1.0}, "epsilon"),
-                          ({"class_weights": [1, -1]}, "class_weights"),
-                          ({"class_weights": [1, 1, 1], "mode": "binary"}, "class_weights"),
-                          ({"class_weights": [1, 1], "mode": "ordinal"}, "mode"),
-                          ({"class_weights": [1, 1], "weight_by": "batch"}, "weight_by")]:
+    for kwargs, match in [
+        ({"class_weights": [1, 1], "epsilon": 1.0}, "epsilon"),
+        ({"class_weights": [1, -1]}, "class_weights"),
+        ({"class_weights": [1, 1, 1], "mode": "binary"}, "class_weights"),
+        ({"class_weights": [1, 1], "mode": "ordinal"}, "mode"),
+        ({"class_weights": [1, 1], "weight_by": "batch"}, "weight_by"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             WeightedLabelSmoothingLoss(**kwargs)

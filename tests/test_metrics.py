@@ -243,8 +243,7 @@ def test_multiclass_report_against_counts():
     y = rng.integers(0, k - 1, n)  # class 3 never occurs in the truth
     p = rng.random((n, k))
     p[np.arange(n), y] += 0.4
-    report = metrics.evaluate_predictions(y, p, ["CNV", "DME", "DRUSEN", "NORMAL"], "multiclass",
-                                          ordinal=True)
+    report = metrics.evaluate_predictions(y, p, ["CNV", "DME", "DRUSEN", "NORMAL"], "multiclass", ordinal=True)
     pred = p.argmax(axis=1)
     cm = np.array([[np.sum((y == i) & (pred == j)) for j in range(k)] for i in range(k)])
     assert report["confusion_matrix"] == cm.tolist()
@@ -270,7 +269,8 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_to_jsonable():
-    out = metrics.to_jsonable({"a": np.float32(0.5), "b": np.int64(3), "c": [np.nan, np.inf],
-                               "d": np.array([1, 2]), "e": np.bool_(True)})
+    out = metrics.to_jsonable(
+        {"a": np.float32(0.5), "b": np.int64(3), "c": [np.nan, np.inf], "d": np.array([1, 2]), "e": np.bool_(True)}
+    )
     assert out == {"a": 0.5, "b": 3, "c": [None, None], "d": [1, 2], "e": True}
     assert type(out["a"]) is float and type(out["b"]) is int

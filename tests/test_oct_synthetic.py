@@ -14,9 +14,9 @@ from kfundus.config import load_config
 from kfundus.data.pipeline import Preprocess, make_dataset, prepare
 from kfundus.data.readers import load_source
 from kfundus.data.synthetic.oct import make_oct, render_bscan
-from kfundus.evaluation import evaluate_run
 from kfundus.deploy.saved_model import export_bundle, run_saved_model
 from kfundus.deploy.tflite import run_tflite, tflite_ops
+from kfundus.evaluation import evaluate_run
 from kfundus.labels import OCT_CLASSES
 from kfundus.workflows.supervised import train
 
@@ -65,11 +65,22 @@ def test_each_finding_changes_part_of_the_scan_and_keeps_the_anatomy():
 def oct_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("oct")
     data = make_oct(out / "data", n_patients=80, images_per_patient=2, size=96, seed=3, test_fraction=0.2)
-    config = load_config(CONFIG, [
-        f"output_dir={out / 'runs'}", f"data.cache_dir={out / 'cache'}", "data.image_size=64",
-        "model.options.depth=3", "model.options.width=16", "train.epochs=14", "train.batch_size=16",
-        "train.learning_rate=0.003", "data.augment.zoom=0", "data.augment.contrast=0",
-        "data.augment.brightness=0"])
+    config = load_config(
+        CONFIG,
+        [
+            f"output_dir={out / 'runs'}",
+            f"data.cache_dir={out / 'cache'}",
+            "data.image_size=64",
+            "model.options.depth=3",
+            "model.options.width=16",
+            "train.epochs=14",
+            "train.batch_size=16",
+            "train.learning_rate=0.003",
+            "data.augment.zoom=0",
+            "data.augment.contrast=0",
+            "data.augment.brightness=0",
+        ],
+    )
     run = train(config, str(data))
     return out, data, run
 
@@ -97,8 +108,10 @@ def test_exports_reproduce_every_named_output(oct_run):
     assert not [op for op in tflite_ops(paths["tflite"]) if op.startswith("Flex")]
     want = {k: np.asarray(v) for k, v in model(inputs["image"]).items()}
     assert want["oct_class"].std(axis=0).max() > 0.01  # real images: outputs not saturated
-    for name, got in [("saved_model", run_saved_model(paths["saved_model"], inputs)),
-                      ("tflite", run_tflite(paths["tflite"], inputs))]:
+    for name, got in [
+        ("saved_model", run_saved_model(paths["saved_model"], inputs)),
+        ("tflite", run_tflite(paths["tflite"], inputs)),
+    ]:
         assert set(got) == set(want), name
         for head in want:
             np.testing.assert_allclose(got[head], want[head], atol=1e-4, err_msg=f"{name} {head}")

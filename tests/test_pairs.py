@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,9 +12,9 @@ import pytest
 from PIL import Image
 
 from kfundus.data import pairs
+from kfundus.data.manifest import Manifest
 from kfundus.data.pipeline import Preprocess, prepare, preprocess_image
 from kfundus.data.readers import pairs as readers
-from kfundus.data.manifest import Manifest
 from kfundus.errors import ConfigError, DataError
 from kfundus.text import TextPacker, make_tokenizer, save_tokenizer
 
@@ -47,8 +48,10 @@ def synth(tmp_path_factory):
 
 def test_read_retclip(tmp_path):
     images = {"p1": (_png(1), _png(2)), "p2": (_png(3), _png(4)), "p3": (_png(5), _png(6))}
-    texts = [{"text_id": 10, "text": "left eye: cataract. right eye: normal fundus.", "image_ids": ["p1", "p2"]},
-             {"text_id": 11, "text": "both eyes glaucoma", "image_ids": ["p2"]}]
+    texts = [
+        {"text_id": 10, "text": "left eye: cataract. right eye: normal fundus.", "image_ids": ["p1", "p2"]},
+        {"text_id": 11, "text": "both eyes glaucoma", "image_ids": ["p2"]},
+    ]
     _write_retclip(tmp_path, images, texts, urlsafe=True)
     with pytest.warns(UserWarning, match="p3"):  # p3 has no text
         manifest = readers.read_retclip(tmp_path, extract_dir=tmp_path / "x")
@@ -57,8 +60,8 @@ def test_read_retclip(tmp_path):
     assert table[["patient_id", "text_id"]].values.tolist() == [["p1", "10"], ["p2", "10"], ["p2", "11"]]
     assert table["text"].iloc[2] == "both eyes glaucoma"
     for row in table.itertuples():
-        assert open(row.left_image, "rb").read() == images[row.patient_id][0]
-        assert open(row.right_image, "rb").read() == images[row.patient_id][1]
+        assert Path(row.left_image).read_bytes() == images[row.patient_id][0]
+        assert Path(row.right_image).read_bytes() == images[row.patient_id][1]
         assert row.left_image.endswith(".png")
     # a second read reuses the extracted files; the tsv path works as well as the folder
     before = (tmp_path / "x" / "p1_left.png").stat().st_mtime_ns
@@ -68,17 +71,22 @@ def test_read_retclip(tmp_path):
     pd.testing.assert_frame_equal(again.frame, table)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("bad_base64", r"line 2 of .*train_imgs\.tsv: the right image of patient 'p2' is not valid base64"),
-    ("fields", r"line 1 of .*train_imgs\.tsv: expected 3 tab-separated fields"),
-    ("json", r"line 2 of .*train_texts\.jsonl: malformed JSON"),
-    ("unknown_patient", r"line 1 of .*train_texts\.jsonl: image id 'p9' .*has no line"),
-    ("missing_key", r"line 1 of .*train_texts\.jsonl: missing key\(s\) \['image_ids'\]"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("bad_base64", r"line 2 of .*train_imgs\.tsv: the right image of patient 'p2' is not valid base64"),
+        ("fields", r"line 1 of .*train_imgs\.tsv: expected 3 tab-separated fields"),
+        ("json", r"line 2 of .*train_texts\.jsonl: malformed JSON"),
+        ("unknown_patient", r"line 1 of .*train_texts\.jsonl: image id 'p9' .*has no line"),
+        ("missing_key", r"line 1 of .*train_texts\.jsonl: missing key\(s\) \['image_ids'\]"),
+    ],
+)
 def test_read_retclip_errors(tmp_path, case, message):
     images = {"p1": (_png(1), _png(2)), "p2": (_png(3), _png(4))}
-    texts = [{"text_id": 1, "text": "cataract", "image_ids": ["p1"]},
-             {"text_id": 2, "text": "normal", "image_ids": ["p2"]}]
+    texts = [
+        {"text_id": 1, "text": "cataract", "image_ids": ["p1"]},
+        {"text_id": 2, "text": "normal", "image_ids": ["p2"]},
+    ]
     _write_retclip(tmp_path, images, texts)
     tsv, jsonl = tmp_path / "train_imgs.tsv", tmp_path / "train_texts.jsonl"
     lines = tsv.read_text().splitlines()
@@ -102,8 +110,10 @@ def test_read_pairs_csv(tmp_path):
     for name, seed in (("a_l.png", 1), ("a_r.png", 2), ("b_l.png", 3), ("b_r.png", 4)):
         (tmp_path / name).write_bytes(_png(seed))
     csv = tmp_path / "pairs.csv"
-    csv.write_text("patient_id,left,right,report,split\na,a_l.png,a_r.png,left eye: cataract.,train\n"
-                   "b,b_l.png,b_r.png,normal fundus,test\n")
+    csv.write_text(
+        "patient_id,left,right,report,split\na,a_l.png,a_r.png,left eye: cataract.,train\n"
+        "b,b_l.png,b_r.png,normal fundus,test\n"
+    )
     table = readers.load_pairs("csv", csv).frame
     assert table.columns.tolist()[:5] == [*readers.PAIR_COLUMNS, "split"]
     assert table["left_image"].iloc[1] == str((tmp_path / "b_l.png").resolve())
@@ -134,8 +144,10 @@ def test_odir_pairs_sample(odir_sample):
     assert full_width, "the sample should have a keyword cell with a full-width comma"
     for pid in [full_width[0], *raw.index[:3]]:
         row = table.set_index("patient_id").loc[pid]
-        expected = (f"{_expected_sentence('left', raw.loc[pid, 'Left-Diagnostic Keywords'])} "
-                    f"{_expected_sentence('right', raw.loc[pid, 'Right-Diagnostic Keywords'])}")
+        expected = (
+            f"{_expected_sentence('left', raw.loc[pid, 'Left-Diagnostic Keywords'])} "
+            f"{_expected_sentence('right', raw.loc[pid, 'Right-Diagnostic Keywords'])}"
+        )
         assert row["text"] == expected
         assert "，" not in row["text"]
     # per-eye labels are those of the eye-level reader with keyword labels
@@ -185,8 +197,10 @@ def test_preset_name_offline_is_a_clear_error():
         assert "clip_vit_base_patch16" in str(error) and "local preset folder" in str(error)
     else:  # a network (or a filled keras-hub cache) exists: CLIP's own start/end tokens are used
         packer = TextPacker(tokenizer, 8)
-        assert (packer.start_id, packer.end_id) == (tokenizer.token_to_id("<|startoftext|>"),
-                                                    tokenizer.token_to_id("<|endoftext|>"))
+        assert (packer.start_id, packer.end_id) == (
+            tokenizer.token_to_id("<|startoftext|>"),
+            tokenizer.token_to_id("<|endoftext|>"),
+        )
     with pytest.raises(ConfigError, match="no_such_preset_xyz"):
         make_tokenizer("no_such_preset_xyz")
 
@@ -219,8 +233,12 @@ def test_pair_dataset_shapes_and_flip(synth):
     plain = list(pairs.make_pair_dataset(prepared, packer, 10, with_index=True).as_numpy_iterator())
     batch = plain[0]
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
-        "left_image": ((10, 32, 32, 3), np.float32), "right_image": ((10, 32, 32, 3), np.float32),
-        "token_ids": ((10, 24), np.int32), "padding_mask": ((10, 24), bool), "index": ((10,), np.int64)}
+        "left_image": ((10, 32, 32, 3), np.float32),
+        "right_image": ((10, 32, 32, 3), np.float32),
+        "token_ids": ((10, 24), np.int32),
+        "padding_mask": ((10, 24), bool),
+        "index": ((10,), np.int64),
+    }
     index = np.concatenate([b["index"] for b in plain])
     np.testing.assert_array_equal(index, np.arange(len(table)))
     left = np.concatenate([b["left_image"] for b in plain])
@@ -230,8 +248,9 @@ def test_pair_dataset_shapes_and_flip(synth):
 
     for i in (0, 7):  # the cache holds each row's own images and report
         for side, images in (("left", left), ("right", right)):
-            direct = preprocess_image(tf.io.read_file(table[f"{side}_image"].iloc[i]),
-                                      Preprocess(image_size=32)).numpy()
+            direct = preprocess_image(
+                tf.io.read_file(table[f"{side}_image"].iloc[i]), Preprocess(image_size=32)
+            ).numpy()
             assert np.abs(direct - images[i]).max() <= 1.0
         np.testing.assert_array_equal(tokens[i], packer(table["text"].iloc[i])["token_ids"].numpy())
     shuffled = pairs.make_pair_dataset(prepared, packer, 8, shuffle=True, seed=1, flip=True, with_index=True)
@@ -261,8 +280,9 @@ def test_unreadable_image(synth, tmp_path):
     manifest = Manifest(table, [], "multilabel", "pairs")
     with pytest.raises(DataError, match=r"row 2: .*broken\.jpg: corrupt"):
         prepare(manifest, Preprocess(image_size=32), cache_dir=root / "cache", progress=False)
-    prepared = prepare(manifest, Preprocess(image_size=32), cache_dir=root / "cache", progress=False,
-                       skip_unreadable=True)
+    prepared = prepare(
+        manifest, Preprocess(image_size=32), cache_dir=root / "cache", progress=False, skip_unreadable=True
+    )
     assert len(prepared) == 5 and prepared.skipped["row"].tolist() == [2]
     packer = TextPacker(tokenizer, 24)
     batch = next(pairs.make_pair_dataset(prepared, packer, 8, with_index=True).as_numpy_iterator())

@@ -28,8 +28,9 @@ def write(path, array, fmt=None, **kwargs):
 
 def manifest_of(paths, labels=None, name="t"):
     labels = np.arange(len(paths)) % 2 if labels is None else labels
-    frame = pd.DataFrame({"image": [str(p) for p in paths], "patient_id": [f"p{i}" for i in range(len(paths))],
-                          "y": labels})
+    frame = pd.DataFrame(
+        {"image": [str(p) for p in paths], "patient_id": [f"p{i}" for i in range(len(paths))], "y": labels}
+    )
     return Manifest(frame, ["y"], name=name)
 
 
@@ -124,7 +125,7 @@ def test_dataset_yields_aligned_labels_and_named_inputs(tmp_path):
     seen = 0
     for inputs, targets in make_dataset(prepared, batch_size=5, training=True, seed=3):
         x = inputs.numpy()
-        assert x.dtype == np.float32 and x.shape[1:] == (32, 32, 3) and 0 <= x.min() and x.max() <= 255
+        assert x.dtype == np.float32 and x.shape[1:] == (32, 32, 3) and x.min() >= 0 and x.max() <= 255
         bright = x.reshape(len(x), -1).max(axis=1) > 150
         np.testing.assert_array_equal(bright, targets.numpy()[:, 0] == 1)
         seen += len(x)
@@ -166,10 +167,10 @@ def test_unreadable_images_raise_naming_them_or_are_skipped(tmp_path):
 
 def test_two_eye_rows_yield_left_and_right(tmp_path):
     paths, _ = brightness_dataset(tmp_path, 4)
-    frame = pd.DataFrame({"left_image": paths[0::2], "right_image": paths[1::2], "patient_id": ["a", "b"],
-                          "y": [0, 1]})
-    prepared = prepare(Manifest(frame, ["y"], name="two"), Preprocess(image_size=32), cache_dir=tmp_path / "c",
-                       progress=False)
+    frame = pd.DataFrame({"left_image": paths[0::2], "right_image": paths[1::2], "patient_id": ["a", "b"], "y": [0, 1]})
+    prepared = prepare(
+        Manifest(frame, ["y"], name="two"), Preprocess(image_size=32), cache_dir=tmp_path / "c", progress=False
+    )
     inputs, targets = next(iter(make_dataset(prepared, batch_size=2)))
     assert set(inputs) == {"left_image", "right_image"}
     # left eyes are the dark (label 0) images, right eyes the bright ones
@@ -179,16 +180,20 @@ def test_two_eye_rows_yield_left_and_right(tmp_path):
 
 def test_augmentation_switches(tmp_path):
     paths, labels = brightness_dataset(tmp_path, 4)
-    prepared = prepare(manifest_of(paths, labels), Preprocess(image_size=32), cache_dir=tmp_path / "c",
-                       progress=False)
+    prepared = prepare(manifest_of(paths, labels), Preprocess(image_size=32), cache_dir=tmp_path / "c", progress=False)
     plain = np.concatenate([x.numpy() for x, _ in make_dataset(prepared, batch_size=4)])
     # training without augmentation only reorders
     again = np.concatenate([x.numpy() for x, _ in make_dataset(prepared, batch_size=4, training=True)])
     assert sorted(plain.sum(axis=(1, 2, 3)).round(2)) == sorted(again.sum(axis=(1, 2, 3)).round(2))
     assert not Augment().enabled()  # horizontal flip (laterality!) is off unless asked for
-    aug = np.concatenate([x.numpy() for x, _ in make_dataset(prepared, batch_size=4, training=True,
-                                                                      augment=Augment(rotation=30, zoom=0.2,
-                                                                                      brightness=0.2))])
+    aug = np.concatenate(
+        [
+            x.numpy()
+            for x, _ in make_dataset(
+                prepared, batch_size=4, training=True, augment=Augment(rotation=30, zoom=0.2, brightness=0.2)
+            )
+        ]
+    )
     assert aug.shape == plain.shape and aug.min() >= 0 and aug.max() <= 255
     assert not np.allclose(sorted(aug.sum(axis=(1, 2, 3))), sorted(plain.sum(axis=(1, 2, 3))))
     assert Augment(hflip=True).enabled()
@@ -230,18 +235,20 @@ def _saturation(images):
     return float(np.mean(np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-6), 0.0)))
 
 
-@pytest.mark.parametrize("jitter", [dict(saturation=0.1), dict(hue=0.02), dict(brightness=0.1),
-                                    dict(contrast=0.1)])
+@pytest.mark.parametrize("jitter", [dict(saturation=0.1), dict(hue=0.02), dict(brightness=0.1), dict(contrast=0.1)])
 def test_colour_jitter_is_mild(tmp_path, jitter):
     """A jitter strength of 0.1 keeps images close to the originals (Keras' saturation
     factor convention once turned every image grey)."""
     rng = np.random.default_rng(0)
-    paths = [write(tmp_path / f"c{i}.png", fundus_like(64, 64, 30, value=tuple(rng.integers(60, 240, 3))))
-             for i in range(8)]
-    prepared = prepare(manifest_of(paths), Preprocess(image_size=32, crop_fundus=False), cache_dir=tmp_path / "c",
-                       progress=False)
+    paths = [
+        write(tmp_path / f"c{i}.png", fundus_like(64, 64, 30, value=tuple(rng.integers(60, 240, 3)))) for i in range(8)
+    ]
+    prepared = prepare(
+        manifest_of(paths), Preprocess(image_size=32, crop_fundus=False), cache_dir=tmp_path / "c", progress=False
+    )
     plain = np.concatenate([x.numpy() for x, _ in make_dataset(prepared, batch_size=8)])
-    jittered = np.concatenate([x.numpy() for x, _ in make_dataset(prepared, batch_size=8, training=True,
-                                                                   augment=Augment(**jitter))])
+    jittered = np.concatenate(
+        [x.numpy() for x, _ in make_dataset(prepared, batch_size=8, training=True, augment=Augment(**jitter))]
+    )
     assert 0.8 < _saturation(jittered) / _saturation(plain) < 1.2
     assert abs(jittered.mean() - plain.mean()) < 0.15 * plain.mean()

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kfundus.evaluation import plots
 from kfundus.errors import DataError
+from kfundus.evaluation import plots
 from kfundus.labels import OCT_CLASSES, ODIR_LABELS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -69,8 +69,10 @@ def test_training_curves_from_csvlogger(tmp_path):
     log = tmp_path / "history.csv"
     rows = ["epoch,auroc,learning_rate,loss,val_auroc,val_loss"]
     for epoch in range(6):
-        rows.append(f"{epoch},{0.6 + 0.05 * epoch},{1e-3 * 0.5 ** epoch},{1 / (epoch + 1)},"
-                    f"{0.55 + 0.04 * epoch},{1.2 / (epoch + 1)}")
+        rows.append(
+            f"{epoch},{0.6 + 0.05 * epoch},{1e-3 * 0.5**epoch},{1 / (epoch + 1)},"
+            f"{0.55 + 0.04 * epoch},{1.2 / (epoch + 1)}"
+        )
     rows.append("5,0.86,3e-05,0.17,0.76,0.21")  # a resumed run appended epoch 5 again
     log.write_text("\n".join(rows) + "\n")
     assert_png(plots.plot_training_curves(log, tmp_path / "curves.png"))

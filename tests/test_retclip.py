@@ -8,11 +8,18 @@ import keras
 import numpy as np
 import pytest
 
+from kfundus.config import load_config
 from kfundus.errors import ConfigError
 from kfundus.systems.clip_lora.encoders import load_encoder, token_pooling
-from kfundus.config import load_config
-from kfundus.systems.retclip.model import (BRANCHES, TINY_TEXT, EndTokenPooling, build_retclip, embedding_models,
-                                           load_text_encoder, logit_scales)
+from kfundus.systems.retclip.model import (
+    BRANCHES,
+    TINY_TEXT,
+    EndTokenPooling,
+    build_retclip,
+    embedding_models,
+    load_text_encoder,
+    logit_scales,
+)
 from kfundus.systems.retclip.objective import retclip_objective
 from kfundus.workflows.pretrain import pretrain, retrieval_metrics
 
@@ -20,18 +27,26 @@ TINY_VISION = dict(patch_size=8, hidden_dim=32, num_layers=2, num_heads=2, inter
 
 
 def tiny_model(size=32, vocab=40, length=10, embed=16):
-    return build_retclip(image_size=size, vocabulary_size=vocab, sequence_length=length, vision_config=TINY_VISION,
-                         text_config=TINY_TEXT, embed_dim=embed)
+    return build_retclip(
+        image_size=size,
+        vocabulary_size=vocab,
+        sequence_length=length,
+        vision_config=TINY_VISION,
+        text_config=TINY_TEXT,
+        embed_dim=embed,
+    )
 
 
 def random_batch(n, size=32, vocab=40, length=10, seed=0):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(3, length + 1, n)
     mask = np.arange(length)[None] < lengths[:, None]
-    return {"left_image": rng.uniform(0, 255, (n, size, size, 3)).astype("float32"),
-            "right_image": rng.uniform(0, 255, (n, size, size, 3)).astype("float32"),
-            "token_ids": np.where(mask, rng.integers(1, vocab, (n, length)), 0).astype("int32"),
-            "padding_mask": mask}
+    return {
+        "left_image": rng.uniform(0, 255, (n, size, size, 3)).astype("float32"),
+        "right_image": rng.uniform(0, 255, (n, size, size, 3)).astype("float32"),
+        "token_ids": np.where(mask, rng.integers(1, vocab, (n, length)), 0).astype("int32"),
+        "padding_mask": mask,
+    }
 
 
 def log_softmax(x, axis):
@@ -105,16 +120,34 @@ def pretrained(tmp_path_factory):
     from kfundus.data.synthetic import make_odir
 
     root = tmp_path_factory.mktemp("retclip")
-    make_odir(root / "data", n_patients=200, size=64, seed=3,
-              prevalence={"N": 0.4, "C": 1.0, "D": 0, "G": 0, "A": 0, "H": 0, "M": 0, "O": 0})
-    config = load_config("retclip_pretrain", [
-        "data.image_size=32", f"data.cache_dir={root / 'cache'}", "data.split.val=0.2", "data.split.test=0.2",
-        f"model.options.vision_config={json.dumps(TINY_VISION)}", f"model.options.text_config={json.dumps(TINY_TEXT)}",
-        "model.options.embed_dim=32", "text.sequence_length=24", "text.vocabulary_size=200",
-        "data.augment={}",  # the shipped config augments; 20 short epochs on 120 patients learn faster without
-        "train.epochs=20", "train.batch_size=32", "train.learning_rate=1e-3", "train.warmup_epochs=1",
-        'zero_shot.prompts={normal: ["{eye} eye: normal fundus."], cataract: ["{eye} eye: cataract."]}',
-        "zero_shot.labels={normal: N, cataract: C}"])
+    make_odir(
+        root / "data",
+        n_patients=200,
+        size=64,
+        seed=3,
+        prevalence={"N": 0.4, "C": 1.0, "D": 0, "G": 0, "A": 0, "H": 0, "M": 0, "O": 0},
+    )
+    config = load_config(
+        "retclip_pretrain",
+        [
+            "data.image_size=32",
+            f"data.cache_dir={root / 'cache'}",
+            "data.split.val=0.2",
+            "data.split.test=0.2",
+            f"model.options.vision_config={json.dumps(TINY_VISION)}",
+            f"model.options.text_config={json.dumps(TINY_TEXT)}",
+            "model.options.embed_dim=32",
+            "text.sequence_length=24",
+            "text.vocabulary_size=200",
+            "data.augment={}",  # the shipped config augments; 20 short epochs on 120 patients learn faster without
+            "train.epochs=20",
+            "train.batch_size=32",
+            "train.learning_rate=1e-3",
+            "train.warmup_epochs=1",
+            'zero_shot.prompts={normal: ["{eye} eye: normal fundus."], cataract: ["{eye} eye: cataract."]}',
+            "zero_shot.labels={normal: N, cataract: C}",
+        ],
+    )
     run = pretrain(config, root / "data", root / "run")
     return run, load_config(run / "config.yaml")
 
@@ -169,8 +202,20 @@ def test_vision_preset_reloads_with_identical_embeddings(pretrained):
 def test_pretrain_command_errors_name_the_fix(tmp_path, capsys):
     from kfundus.cli import main
 
-    assert main(["pretrain", "--config", "retclip_pretrain", "--data", str(tmp_path / "absent"),
-                 "--run-dir", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "pretrain",
+                "--config",
+                "retclip_pretrain",
+                "--data",
+                str(tmp_path / "absent"),
+                "--run-dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     assert str(tmp_path / "absent") in capsys.readouterr().err
     assert main(["pretrain", "--evaluate"]) == 2
     assert "--run" in capsys.readouterr().err

@@ -16,7 +16,7 @@ def shadow_by_hand(labels, embeddings, margin):
     for i, a in enumerate(embeddings):
         length = np.sqrt(a @ a)
 
-        def delta(x):
+        def delta(x, a=a, length=length):
             return abs(length - (a @ x) / length)  # | |a| - proj_a(x) |
 
         pos = [delta(embeddings[j]) for j in range(len(labels)) if j != i and (labels[i] & labels[j]).any()]
@@ -100,14 +100,23 @@ def test_loss_tensors_grow_quadratically_not_cubically():
     dim, labels = 32, 8
     for batch in (16, 64):
         loss = ShadowLoss(0.5)
-        fn = tf.function(lambda y, e: loss(y, e)).get_concrete_function(
-            tf.TensorSpec((batch, labels)), tf.TensorSpec((batch, dim)))
-        sizes = [int(np.prod(t.shape)) for op in fn.graph.get_operations() for t in op.outputs
-                 if t.shape.rank is not None and t.shape.is_fully_defined()]
+        fn = tf.function(lambda y, e, loss=loss: loss(y, e)).get_concrete_function(
+            tf.TensorSpec((batch, labels)), tf.TensorSpec((batch, dim))
+        )
+        sizes = [
+            int(np.prod(t.shape))
+            for op in fn.graph.get_operations()
+            for t in op.outputs
+            if t.shape.rank is not None and t.shape.is_fully_defined()
+        ]
         assert max(sizes) <= max(batch * batch, batch * dim, batch * labels)
         assert max(sizes) >= batch * batch  # the pairwise matrix is there (the check sees it)
-        cube = [t.shape for op in fn.graph.get_operations() for t in op.outputs
-                if t.shape.rank is not None and t.shape.rank >= 3]
+        cube = [
+            t.shape
+            for op in fn.graph.get_operations()
+            for t in op.outputs
+            if t.shape.rank is not None and t.shape.rank >= 3
+        ]
         assert not cube
 
 

@@ -40,8 +40,10 @@ ODIR_ROWS = [  # ID, age, sex, left keywords, right keywords, patient labels N..
 
 def _odir(tmp_path, rows=ODIR_ROWS, images=True, name="annotation.csv", header=None):
     header = header or sources.ODIR_COLUMNS
-    table = [(i, age, sex, f"{i}_left.jpg", f"{i}_right.jpg", f'"{lk}"', f'"{rk}"', *labels)
-             for i, age, sex, lk, rk, labels in rows]
+    table = [
+        (i, age, sex, f"{i}_left.jpg", f"{i}_right.jpg", f'"{lk}"', f'"{rk}"', *labels)
+        for i, age, sex, lk, rk, labels in rows
+    ]
     if images:
         for row in rows:
             for side in ("left", "right"):
@@ -169,10 +171,46 @@ def test_read_odir_real_sample_eye_labels_agree_with_patient_labels(odir_sample)
 
 def test_read_odir_kaggle_uses_the_eye_keywords_not_target(tmp_path):
     header = ["filename", *sources.ODIR_COLUMNS, "target"]
-    rows = [("0_left.jpg", 0, 69, "Female", "0_left.jpg", "0_right.jpg", "cataract", "normal fundus",
-             0, 0, 0, 1, 0, 0, 0, 0, '"[1, 0, 0, 0, 0, 0, 0, 0]"'),
-            ("0_right.jpg", 0, 69, "Female", "0_left.jpg", "0_right.jpg", "cataract", "normal fundus",
-             0, 0, 0, 1, 0, 0, 0, 0, '"[0, 0, 0, 1, 0, 0, 0, 0]"')]
+    rows = [
+        (
+            "0_left.jpg",
+            0,
+            69,
+            "Female",
+            "0_left.jpg",
+            "0_right.jpg",
+            "cataract",
+            "normal fundus",
+            0,
+            0,
+            0,
+            1,
+            0,
+            0,
+            0,
+            0,
+            '"[1, 0, 0, 0, 0, 0, 0, 0]"',
+        ),
+        (
+            "0_right.jpg",
+            0,
+            69,
+            "Female",
+            "0_left.jpg",
+            "0_right.jpg",
+            "cataract",
+            "normal fundus",
+            0,
+            0,
+            0,
+            1,
+            0,
+            0,
+            0,
+            0,
+            '"[0, 0, 0, 1, 0, 0, 0, 0]"',
+        ),
+    ]
     path = _csv(tmp_path / "full_df.csv", header, rows)
     for name in ("0_left.jpg", "0_right.jpg"):
         _image(tmp_path / "preprocessed_images" / name)
@@ -188,8 +226,7 @@ def test_read_odir_kaggle_uses_the_eye_keywords_not_target(tmp_path):
 
 def test_read_odir_kaggle_real_table_matches_official_reader(odir_sample, shared_sources):
     with pytest.warns(UserWarning, match="skipped"):
-        k = sources.read_odir_kaggle(shared_sources / "odir5k_full_df.csv", odir_sample / "images",
-                                     skip_missing=True)
+        k = sources.read_odir_kaggle(shared_sources / "odir5k_full_df.csv", odir_sample / "images", skip_missing=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         e = sources.read_odir(odir_sample / "annotation.csv")
@@ -205,6 +242,7 @@ def shared_sources():
 
 
 # -------------------------------------------------------------------------- RFMiD
+
 
 def _rfmid(folder, split, rows):
     """rows: (ID, {label: 1, ...}); images in folder/<split folder>/<ID>.png."""
@@ -255,6 +293,7 @@ def test_read_rfmid_missing_label_column(tmp_path):
 
 
 # --------------------------------------------------------------------- DR grades
+
 
 def test_read_dr_grades_aptos(tmp_path):
     rows = [("a1", 0), ("b2", 3), ("c3", 4)]
@@ -311,6 +350,7 @@ def test_read_dr_grades_real_idrid(idrid_grading):
 
 # ------------------------------------------------------------------ class folders
 
+
 def _kermany(root, counts, split_names=("train", "test")):
     for split in split_names:
         for label, n in counts.items():
@@ -357,12 +397,15 @@ def test_read_class_folders_flat_layout_and_patient_pattern(tmp_path):
 
 # ---------------------------------------------------------------------- plain CSV
 
+
 def test_read_csv_plain_table(tmp_path):
     for name in ("a.png", "b.png", "sub/c.png"):
         _image(tmp_path / "imgs" / name)
-    path = _csv(tmp_path / "labels.csv", ["image", "patient_id", "split", "x", "y"],
-                [("a.png", "p1", "training", 1, 0), ("b.png", "p1", "training", 0, 1),
-                 ("sub/c.png", "p2", "Test", 1, 1)])
+    path = _csv(
+        tmp_path / "labels.csv",
+        ["image", "patient_id", "split", "x", "y"],
+        [("a.png", "p1", "training", 1, 0), ("b.png", "p1", "training", 0, 1), ("sub/c.png", "p2", "Test", 1, 1)],
+    )
     m = sources.read_csv(path, image_dir=tmp_path / "imgs")
     assert m.labels == ["x", "y"] and m.frame["split"].tolist() == ["train", "train", "test"]
     assert m.frame["image"].iloc[2] == str(tmp_path / "imgs" / "sub" / "c.png")
@@ -390,6 +433,7 @@ def test_read_csv_bad_values(tmp_path):
 
 # ------------------------------------------------------------ dispatch, selection
 
+
 def test_load_source_dispatch_and_option_errors(tmp_path):
     _odir(tmp_path)
     with warnings.catch_warnings():
@@ -398,7 +442,9 @@ def test_load_source_dispatch_and_option_errors(tmp_path):
         sel = sources.load_source("odir", tmp_path / "annotation.csv", labels=["N", "C"], drop_empty=True)
     assert m.level == "patient" and len(m) == 3
     assert sel.labels == ["N", "C"] and len(sel) == 4  # patient 1: C and N eyes, 2: two N, 3: neither
-    with pytest.raises(ConfigError, match=r"'odri'.*\['csv', 'dr', 'folders', 'hrdc', 'odir', 'odir_kaggle', 'rfmid'\]"):
+    with pytest.raises(
+        ConfigError, match=r"'odri'.*\['csv', 'dr', 'folders', 'hrdc', 'odir', 'odir_kaggle', 'rfmid'\]"
+    ):
         sources.load_source("odri", tmp_path)
     with pytest.raises(ConfigError, match=r"\['levels'\].*'level'"):
         sources.load_source("odir", tmp_path, levels="eye")

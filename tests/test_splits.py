@@ -29,9 +29,15 @@ def _toy(n_patients=40, seed=0, split=None):
     rng = np.random.default_rng(seed)
     a = (rng.random(n_patients) < 0.3).astype(int)
     b = (rng.random(n_patients) < 0.2).astype(int)
-    frame = pd.DataFrame({"patient_id": np.repeat([f"p{i}" for i in range(n_patients)], 2),
-                          "image": [f"/x/{i}_{e}.png" for i in range(n_patients) for e in ("left", "right")],
-                          "eye": ["left", "right"] * n_patients, "a": np.repeat(a, 2), "b": np.repeat(b, 2)})
+    frame = pd.DataFrame(
+        {
+            "patient_id": np.repeat([f"p{i}" for i in range(n_patients)], 2),
+            "image": [f"/x/{i}_{e}.png" for i in range(n_patients) for e in ("left", "right")],
+            "eye": ["left", "right"] * n_patients,
+            "a": np.repeat(a, 2),
+            "b": np.repeat(b, 2),
+        }
+    )
     if split is not None:
         frame["split"] = np.repeat(split, 2)
     return Manifest(frame, ["a", "b"])
@@ -157,8 +163,14 @@ def test_to_patients_matches_the_patient_level_reader(odir_sample):
 
 
 def test_to_patients_odir_normal_eye_of_a_diseased_patient():
-    frame = pd.DataFrame({"patient_id": ["1", "1"], "image": ["/l.jpg", "/r.jpg"], "eye": ["left", "right"],
-                          **{c: [int(c == "C"), int(c == "N")] for c in kl.ODIR_LABELS}})
+    frame = pd.DataFrame(
+        {
+            "patient_id": ["1", "1"],
+            "image": ["/l.jpg", "/r.jpg"],
+            "eye": ["left", "right"],
+            **{c: [int(c == "C"), int(c == "N")] for c in kl.ODIR_LABELS},
+        }
+    )
     patient = to_patients(Manifest(frame, list(kl.ODIR_LABELS))).frame.iloc[0]
     assert patient["C"] == 1 and patient["N"] == 0
 

@@ -15,7 +15,11 @@ from kfundus.data.synthetic import fundus as synthetic
 from kfundus.data.synthetic import load_masks, make_arrays, make_odir, make_rfmid, render_eye
 from kfundus.errors import DataError
 from kfundus.labels import (
-    ODIR_LABELS, RFMID_46, odir_keywords_to_labels, odir_patient_labels, split_keywords,
+    ODIR_LABELS,
+    RFMID_46,
+    odir_keywords_to_labels,
+    odir_patient_labels,
+    split_keywords,
 )
 
 DISEASES = ["D", "G", "C", "A", "H", "M", "O"]
@@ -35,8 +39,7 @@ def _dilate(mask, steps):
     out = mask.copy()
     for _ in range(steps):
         padded = np.pad(out, 1)
-        out = (padded[1:-1, 1:-1] | padded[:-2, 1:-1] | padded[2:, 1:-1]
-               | padded[1:-1, :-2] | padded[1:-1, 2:])
+        out = padded[1:-1, 1:-1] | padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
     return out
 
 
@@ -106,10 +109,8 @@ def test_disc_is_brightest_on_the_nasal_side(aspect):
     """Disc (brightest region) on the image's left for left eyes, right for right eyes."""
     for seed in range(8):
         for eye in ("left", "right"):
-            image, _ = render_eye(set() if seed % 2 else {"G"}, size=64, eye=eye, seed=seed,
-                                  aspect=aspect)
-            blurred = np.asarray(Image.fromarray(image).convert("L").filter(
-                ImageFilter.BoxBlur(2)), dtype=float)
+            image, _ = render_eye(set() if seed % 2 else {"G"}, size=64, eye=eye, seed=seed, aspect=aspect)
+            blurred = np.asarray(Image.fromarray(image).convert("L").filter(ImageFilter.BoxBlur(2)), dtype=float)
             _, col = np.unravel_index(np.argmax(blurred), blurred.shape)
             on_left = col < image.shape[1] / 2
             assert on_left == (eye == "left"), (seed, eye, col)
@@ -226,8 +227,24 @@ def test_rfmid_layout(tmp_path):
 def test_cli_main(tmp_path, capsys):
     from kfundus.cli import main
 
-    assert main(["synth", "--layout", "odir", "--out", str(tmp_path / "o"), "--patients", "3",
-                 "--size", "32", "--seed", "0"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                "--layout",
+                "odir",
+                "--out",
+                str(tmp_path / "o"),
+                "--patients",
+                "3",
+                "--size",
+                "32",
+                "--seed",
+                "0",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert str(tmp_path / "o") in printed and "patients per label" in printed
     assert len(pd.read_csv(tmp_path / "o" / "annotation.csv")) == 3
@@ -236,9 +253,26 @@ def test_cli_main(tmp_path, capsys):
 
 def test_cli_module_entry(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "kfundus", "synth", "--layout", "rfmid", "--out",
-         str(tmp_path), "--images", "5", "--size", "32", "--no-masks"],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "kfundus",
+            "synth",
+            "--layout",
+            "rfmid",
+            "--out",
+            str(tmp_path),
+            "--images",
+            "5",
+            "--size",
+            "32",
+            "--no-masks",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "Training" in result.stdout
     assert len(list((tmp_path / "Training").glob("*.png"))) == 3
@@ -262,8 +296,7 @@ def test_lesions_are_learnable_by_a_tiny_cnn():
     for filters in (16, 32, 64):
         h = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(h)
         h = keras.layers.MaxPooling2D()(h)
-    h = keras.layers.Concatenate()([keras.layers.GlobalMaxPooling2D()(h),
-                                    keras.layers.GlobalAveragePooling2D()(h)])
+    h = keras.layers.Concatenate()([keras.layers.GlobalMaxPooling2D()(h), keras.layers.GlobalAveragePooling2D()(h)])
     outputs = keras.layers.Dense(len(labels), activation="sigmoid", name="labels")(h)
     model = keras.Model(inputs, outputs)
     model.compile(keras.optimizers.Adam(1e-2), "binary_crossentropy")

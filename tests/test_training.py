@@ -22,8 +22,17 @@ CONFIG = "demo_synthetic"
 
 def test_run_folder_and_patient_level_splits(trained):
     _, _, run, _ = trained
-    for name in ["config.yaml", "run.json", "splits.csv", "best.weights.h5", "model.keras", "history.csv",
-                 "thresholds.json", "training_curves.png", "tensorboard"]:
+    for name in [
+        "config.yaml",
+        "run.json",
+        "splits.csv",
+        "best.weights.h5",
+        "model.keras",
+        "history.csv",
+        "thresholds.json",
+        "training_curves.png",
+        "tensorboard",
+    ]:
         assert (run / name).exists(), name
     splits = pd.read_csv(run / "splits.csv", dtype={"patient_id": str})
     assert splits.groupby("patient_id")["split"].nunique().max() == 1
@@ -37,8 +46,16 @@ def test_model_learns_and_evaluation_report(trained):
     per_class = {row["label"]: row for row in metrics["per_class"]}
     assert per_class["C"]["support"] >= 5
     assert per_class["C"]["auroc"] > 0.9, per_class  # the synthetic cataract haze is learned
-    for name in ["predictions.csv", "per_class.csv", "roc.png", "pr.png", "confusion.png", "report.html",
-                 "gallery_N.png", "gallery_C.png"]:
+    for name in [
+        "predictions.csv",
+        "per_class.csv",
+        "roc.png",
+        "pr.png",
+        "confusion.png",
+        "report.html",
+        "gallery_N.png",
+        "gallery_C.png",
+    ]:
         assert (report / name).stat().st_size > 0, name
     assert "gallery_C.png" in (report / "report.html").read_text()
     # the predictions file lines up with the test split
@@ -63,8 +80,16 @@ def test_unreadable_image_is_named_then_skipped_and_training_resumes(tmp_path, m
     data = make_odir(tmp_path / "data", n_patients=24, size=48, seed=2, write_masks=False)
     victim = data / "images" / "3_left.jpg"
     victim.write_bytes(victim.read_bytes()[:200])  # truncated
-    small = ["--set", "data.image_size=32", "--set", "train.epochs=3", "--set", "data.labels=[N]",
-             "--set", "export.formats=[]"]
+    small = [
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "data.labels=[N]",
+        "--set",
+        "export.formats=[]",
+    ]
     assert main(train_args(data, tmp_path, *small)) == 2
     err = capsys.readouterr().err
     assert "3_left.jpg" in err and "skip_unreadable" in err
@@ -95,9 +120,17 @@ def test_unreadable_image_is_named_then_skipped_and_training_resumes(tmp_path, m
 
 def test_mixed_precision_run_keeps_float32_outputs_and_restores_policy(tmp_path):
     data = make_odir(tmp_path / "data", n_patients=16, size=48, seed=3, write_masks=False)
-    config = load_config(CONFIG, ["train.epochs=1", "data.image_size=32", "data.labels=[N]",
-                                  "train.mixed_precision=true", f"output_dir={tmp_path / 'runs'}",
-                                  f"data.cache_dir={tmp_path / 'cache'}"])
+    config = load_config(
+        CONFIG,
+        [
+            "train.epochs=1",
+            "data.image_size=32",
+            "data.labels=[N]",
+            "train.mixed_precision=true",
+            f"output_dir={tmp_path / 'runs'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+    )
     run = train(config, str(data))
     assert keras.mixed_precision.global_policy().name == "float32"  # not leaked to the caller
     model = keras.saving.load_model(run / "model.keras")
@@ -111,16 +144,32 @@ def test_rfmid_official_split_and_weighted_loss(tmp_path, capsys):
     from kfundus.data.synthetic import make_rfmid
 
     data = make_rfmid(tmp_path / "rfmid", n_images=40, size=48, seed=0, write_masks=False)
-    args = ["train", "--config", "rfmid_efficientnet_b0", "--data", str(data),
-            "--set", "model.weights=null", "--set", "train.mixed_precision=false", "--set", "data.image_size=32",
-            "--set", "train.epochs=1", "--set", "export.formats=[]", "--set", f"output_dir={tmp_path / 'runs'}",
-            "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    args = [
+        "train",
+        "--config",
+        "rfmid_efficientnet_b0",
+        "--data",
+        str(data),
+        "--set",
+        "model.weights=null",
+        "--set",
+        "train.mixed_precision=false",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "export.formats=[]",
+        "--set",
+        f"output_dir={tmp_path / 'runs'}",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
     # the 46-column view of this small set has classes without any training positive
     assert main(args) == 2
     assert "no positive example in the training split" in capsys.readouterr().err
     labels = "data.labels=[Disease_Risk, DR, ODC, MH]"
-    assert main(args + ["--set", 'data.options={view: "29"}', "--set", labels,
-                        "--set", "train.loss=weighted_bce"]) == 0
+    assert main(args + ["--set", 'data.options={view: "29"}', "--set", labels, "--set", "train.loss=weighted_bce"]) == 0
     run = tmp_path / "runs" / "rfmid_efficientnet_b0"
     splits = pd.read_csv(run / "splits.csv")
     folder_split = splits["image"].map(lambda p: Path(p).parent.name)
@@ -158,14 +207,25 @@ def test_checkpoint_option_picks_best_or_last_epoch(tmp_path, monkeypatch, check
     monkeypatch.setattr(engine_fit, "make_callbacks", first_epoch_is_best)
     data = make_odir(tmp_path / "data", n_patients=24, size=48, seed=3, write_masks=False)
     ema = [f"train.ema={momentum}"] if checkpoint == "last" else []
-    config = load_config(CONFIG, ["train.epochs=3", "data.image_size=32", "data.labels=[N, C]",
-                                  f"train.checkpoint={checkpoint}", f"output_dir={tmp_path / 'runs'}",
-                                  f"data.cache_dir={tmp_path / 'cache'}", *ema])
+    config = load_config(
+        CONFIG,
+        [
+            "train.epochs=3",
+            "data.image_size=32",
+            "data.labels=[N, C]",
+            f"train.checkpoint={checkpoint}",
+            f"output_dir={tmp_path / 'runs'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            *ema,
+        ],
+    )
     run = train(config, str(data))
     history = pd.read_csv(run / "history.csv")
     splits = make_splits(load_dataset(config.data, str(data)), config)
-    val = make_dataset(prepare(splits["val"], Preprocess.from_config(config.data), cache_dir=config.data.cache_dir,
-                               progress=False), batch_size=config.train.batch_size)
+    val = make_dataset(
+        prepare(splits["val"], Preprocess.from_config(config.data), cache_dir=config.data.cache_dir, progress=False),
+        batch_size=config.train.batch_size,
+    )
     model = keras.saving.load_model(run / "model.keras")
     loss = model.evaluate(val, verbose=0, return_dict=True)["loss"]
     epoch = 0 if checkpoint == "best" else len(history) - 1

@@ -11,12 +11,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from kfundus.data.readers.hrdc import read_hrdc
+from kfundus.config import BackboneSpec, LinearProbeConfig, load_config
 from kfundus.data.readers import load_source
+from kfundus.data.readers.hrdc import read_hrdc
 from kfundus.data.synthetic.hr import HRDC_IMAGES, HRDC_LABELS, make_hrdc
 from kfundus.errors import ConfigError, DataError
 from kfundus.workflows.transfer import build_classifier, build_extractor, fit_linear_probe, probe_predict, run_transfer
-from kfundus.config import BackboneSpec, LinearProbeConfig, load_config
 
 TINY_CLIP = dict(patch_size=8, hidden_dim=32, num_layers=2, num_heads=2, intermediate_dim=64)
 SIZE = 32
@@ -33,7 +33,8 @@ def test_hrdc_reader_layout_columns_and_errors(tmp_path):
     # task 2's column name, names without extension, an xlsx-free CSV elsewhere with image_dir
     other = tmp_path / "task2.csv"
     table.assign(Image=table["Image"].str.replace(".png", "", regex=False)).rename(
-        columns={"Hypertensive": "Hypertensive Retinopathy"}).to_csv(other, index=False)
+        columns={"Hypertensive": "Hypertensive Retinopathy"}
+    ).to_csv(other, index=False)
     task2 = read_hrdc(other, image_dir=data / HRDC_IMAGES)
     assert task2.labels == ["Hypertensive Retinopathy"]
     assert task2.frame["image"].tolist() == manifest.frame["image"].tolist()
@@ -75,10 +76,19 @@ def test_lp_ft_and_ft_beat_lp_on_frozen_random_features(tmp_path):
     """Synthetic HR whose signal is where lesions are: a frozen random ViT's features are
     poor, fine-tuning learns it; LP-FT starts exactly at the LP solution."""
     data = make_hrdc(tmp_path / "hrdc", n_images=240, size=64, seed=0)
-    config = load_config("hr_transfer", [
-        "data.image_size=32", f"data.cache_dir={tmp_path / 'cache'}", "transfer.folds=3", "data.split.val=0.2",
-        f"transfer.backbones=[{{name: random, family: clip, encoder_config: {TINY_CLIP}}}]",
-        "train.learning_rate=0.001", "train.epochs=20", "train.early_stopping=10"])
+    config = load_config(
+        "hr_transfer",
+        [
+            "data.image_size=32",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "transfer.folds=3",
+            "data.split.val=0.2",
+            f"transfer.backbones=[{{name: random, family: clip, encoder_config: {TINY_CLIP}}}]",
+            "train.learning_rate=0.001",
+            "train.epochs=20",
+            "train.early_stopping=10",
+        ],
+    )
     summary = run_transfer(config, data, tmp_path / "out")
     out = tmp_path / "out"
     folds = pd.read_csv(out / "folds.csv")
@@ -119,11 +129,27 @@ def test_transfer_command_with_a_retclip_preset(tmp_path):
     preset = tmp_path / "retclip_preset"
     encoder.save_to_preset(str(preset))
     data = make_hrdc(tmp_path / "hrdc", n_images=40, size=SIZE, seed=3)
-    args = ["transfer", "--config", "hr_transfer", "--data", str(data),
-            "--out", str(tmp_path / "out"), "--set", "data.image_size=32", "--set", "transfer.folds=2",
-            "--set", f"data.cache_dir={tmp_path / 'cache'}",
-            "--set", f"transfer.backbones=[{{name: retclip, weights: {preset}}}]",
-            "--set", "transfer.protocols=[lp, lp_ft]", "--set", "train.epochs=1"]
+    args = [
+        "transfer",
+        "--config",
+        "hr_transfer",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "out"),
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "transfer.folds=2",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "--set",
+        f"transfer.backbones=[{{name: retclip, weights: {preset}}}]",
+        "--set",
+        "transfer.protocols=[lp, lp_ft]",
+        "--set",
+        "train.epochs=1",
+    ]
     assert main(args) == 0
     summary = pd.read_csv(tmp_path / "out" / "summary.csv")
     assert summary["backbone"].tolist() == ["retclip", "retclip"]

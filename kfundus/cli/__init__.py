@@ -24,8 +24,8 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from kfundus.cli import data, deploy, runs, studies  # noqa: E402
-from kfundus.errors import KfundusError  # noqa: E402
+from kfundus.cli import data, deploy, runs, studies
+from kfundus.errors import KfundusError
 
 GROUPS = (runs, deploy, studies, data)
 

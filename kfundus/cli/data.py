@@ -17,8 +17,7 @@ def cmd_synth(args) -> int:
     if args.size < 16 or args.aspect < 1 or min(args.patients, args.images) < 1:
         raise ConfigError("--size must be >= 16, --aspect >= 1, --patients and --images >= 1")
     if args.layout == "oct":
-        out = synthetic.make_oct(args.out, n_patients=args.patients, size=args.size, seed=args.seed,
-                                 aspect=args.aspect)
+        out = synthetic.make_oct(args.out, n_patients=args.patients, size=args.size, seed=args.seed, aspect=args.aspect)
         counts = {f"{p.parent.name}/{p.name}": len(list(p.glob("*.jpeg"))) for p in sorted(out.glob("*/*"))}
         print(f"wrote synthetic OCT B-scans (Kermany layout) to {out}: {counts}")
         return 0
@@ -27,8 +26,7 @@ def cmd_synth(args) -> int:
         print(f"wrote {args.images} images (CGI-HRDC layout) to {out}: 1-Images/, 2-Groundtruths/")
         return 0
     if args.layout == "dr":
-        out = synthetic.make_dr(args.out, n_patients=args.patients, size=args.size, seed=args.seed,
-                                aspect=args.aspect)
+        out = synthetic.make_dr(args.out, n_patients=args.patients, size=args.size, seed=args.seed, aspect=args.aspect)
         grades = pd.read_csv(out / "trainLabels.csv")["level"].value_counts().sort_index().to_dict()
         print(f"wrote {2 * args.patients} eyes (EyePACS layout) to {out}: trainLabels.csv, train/; grades {grades}")
         return 0
@@ -37,9 +35,11 @@ def cmd_synth(args) -> int:
     if args.layout == "odir":
         out = synthetic.make_odir(args.out, n_patients=args.patients, **common)
         table = pd.read_csv(out / "annotation.csv")
-        print(f"wrote {len(table)} patients ({2 * len(table)} images, ODIR layout) to {out}: "
-              f"annotation.csv, images/{masks}\npatients per label: "
-              + ", ".join(f"{k} {int(table[k].sum())}" for k in ODIR_LABELS))
+        print(
+            f"wrote {len(table)} patients ({2 * len(table)} images, ODIR layout) to {out}: "
+            f"annotation.csv, images/{masks}\npatients per label: "
+            + ", ".join(f"{k} {int(table[k].sum())}" for k in ODIR_LABELS)
+        )
         return 0
     out = synthetic.make_rfmid(args.out, n_images=args.images, **common)
     for split in RFMID_SPLITS:
@@ -52,8 +52,12 @@ def cmd_synth(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("synth", help="write a synthetic dataset with learnable lesions in a public layout")
     add = p.add_argument
-    add("--layout", choices=LAYOUTS, default="odir",
-        help="odir, rfmid, dr (EyePACS DR grades 0-4), oct (Kermany B-scans), hrdc (CGI-HRDC hypertension)")
+    add(
+        "--layout",
+        choices=LAYOUTS,
+        default="odir",
+        help="odir, rfmid, dr (EyePACS DR grades 0-4), oct (Kermany B-scans), hrdc (CGI-HRDC hypertension)",
+    )
     add("--out", required=True, help="folder to write")
     add("--patients", type=int, default=100, help="odir, dr: patients (2 images each); oct: patients")
     add("--images", type=int, default=60, help="rfmid, hrdc: images")

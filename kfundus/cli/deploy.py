@@ -42,12 +42,15 @@ def _split_images(run_dir, split: str) -> list[Path]:
     run = RunFolder(run_dir)
     table = run.read_splits()
     if "image" not in table.columns:
-        raise ConfigError(f"{run / 'splits.csv'} has no 'image' column: two-eye runs are not supported by Grad-CAM "
-                          "yet; explain the eyes with --images")
+        raise ConfigError(
+            f"{run / 'splits.csv'} has no 'image' column: two-eye runs are not supported by Grad-CAM "
+            "yet; explain the eyes with --images"
+        )
     chosen = table if split == "all" else table[table["split"] == split]
     if chosen.empty:
-        raise ConfigError(f"--split {split}: {run / 'splits.csv'} has no such rows (its splits: "
-                          f"{sorted(set(table['split']))})")
+        raise ConfigError(
+            f"--split {split}: {run / 'splits.csv'} has no such rows (its splits: {sorted(set(table['split']))})"
+        )
     return [Path(p) for p in chosen["image"]]
 
 
@@ -56,27 +59,51 @@ def cmd_explain(args) -> int:
     from kfundus.explain import save_overlays
 
     if not (args.run or args.model) or bool(args.images) == bool(args.split) or (args.split and not args.run):
-        raise ConfigError("give --run runs/NAME or --model FILE.keras, and one of --images DIR_OR_GLOB or "
-                          "--split NAME (--split needs --run)")
+        raise ConfigError(
+            "give --run runs/NAME or --model FILE.keras, and one of --images DIR_OR_GLOB or "
+            "--split NAME (--split needs --run)"
+        )
     model, labels, preprocess, thresholds = _explain_setup(args)
-    paths = ([Path(p) for p in list_images(args.images, ["image"])["image"]] if args.images
-             else _split_images(args.run, args.split))
+    paths = (
+        [Path(p) for p in list_images(args.images, ["image"])["image"]]
+        if args.images
+        else _split_images(args.run, args.split)
+    )
     classes = "predicted" if args.classes == "predicted" else [c.strip() for c in args.classes.split(",")]
     out = Path(args.out or (Path(args.run) / "explain" if args.run else "explain"))
-    table = save_overlays(model, paths, out, labels=labels, preprocess=preprocess, classes=classes,
-                          threshold=thresholds, batch_size=args.batch_size, layer=args.layer, alpha=args.alpha)
+    table = save_overlays(
+        model,
+        paths,
+        out,
+        labels=labels,
+        preprocess=preprocess,
+        classes=classes,
+        threshold=thresholds,
+        batch_size=args.batch_size,
+        layer=args.layer,
+        alpha=args.alpha,
+    )
     table.to_csv(out / "overlays.csv", index=False)
     none = len(paths) - table["image"].nunique()
-    print(f"wrote {len(table)} Grad-CAM overlay(s) for {len(paths)} image(s) to {out} (index: overlays.csv)"
-          + (f"; {none} image(s) had no class above the threshold" if none and classes == "predicted" else ""))
+    print(
+        f"wrote {len(table)} Grad-CAM overlay(s) for {len(paths)} image(s) to {out} (index: overlays.csv)"
+        + (f"; {none} image(s) had no class above the threshold" if none and classes == "predicted" else "")
+    )
     return 0
 
 
 def cmd_predict(args) -> int:
     from kfundus.deploy import predict_images
 
-    predict_images(args.bundle, args.images, backend=args.format, tflite=args.tflite, batch_size=args.batch_size,
-                   out=args.out, progress=sys.stderr.isatty())
+    predict_images(
+        args.bundle,
+        args.images,
+        backend=args.format,
+        tflite=args.tflite,
+        batch_size=args.batch_size,
+        out=args.out,
+        progress=sys.stderr.isatty(),
+    )
     return 0
 
 
@@ -102,8 +129,9 @@ def register(sub) -> None:
     p.add_argument("--bundle", required=True, help="a folder written by kfundus export (saved_models/NAME)")
     p.add_argument("--images", required=True, help="a folder, a glob pattern (quoted) or a CSV of paths")
     p.add_argument("--format", default="keras", help="which model of the bundle runs: keras, saved_model or tflite")
-    p.add_argument("--tflite", help="with --format tflite: float32 (default), float16, dynamic_int8, int8, "
-                                    "or a .tflite file")
+    p.add_argument(
+        "--tflite", help="with --format tflite: float32 (default), float16, dynamic_int8, int8, or a .tflite file"
+    )
     p.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=cmd_predict)

@@ -15,8 +15,10 @@ def cmd_configs(args) -> int:
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         print(f"{r['name']:<{width}}  kfundus {r['workflow']:<8}  {r['description']}")
-    print("\nuse one by name: kfundus train --config odir_efficientnet_b0 --data DIR "
-          "(kfundus configs --show NAME prints it)")
+    print(
+        "\nuse one by name: kfundus train --config odir_efficientnet_b0 --data DIR "
+        "(kfundus configs --show NAME prints it)"
+    )
     if args.show:
         print(f"\n# {shipped_configs()[args.show]}\n" + shipped_configs()[args.show].read_text())
     return 0
@@ -56,8 +58,15 @@ def cmd_export(args) -> int:
 def cmd_sweep(args) -> int:
     from kfundus.workflows.sweep import parse_grid, run_sweep
 
-    run_sweep(args.config, parse_grid(args.grid), data=args.data, overrides=args.overrides, out=args.out,
-              split=args.split, overwrite=args.overwrite)
+    run_sweep(
+        args.config,
+        parse_grid(args.grid),
+        data=args.data,
+        overrides=args.overrides,
+        out=args.out,
+        split=args.split,
+        overwrite=args.overwrite,
+    )
     return 0
 
 
@@ -101,8 +110,13 @@ def register(sub) -> None:
     p = sub.add_parser("sweep", help="train + evaluate a config over a grid of settings, compare")
     add_config(p, "odir_clip_lora_shadow")
     p.add_argument("--data", help="dataset folder or label file (overrides data.path)")
-    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                   help="a setting and its values, e.g. model.options.lora_rank=4,8 (repeatable)")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a setting and its values, e.g. model.options.lora_rank=4,8 (repeatable)",
+    )
     add_set(p)
     p.add_argument("--out", help="sweep folder (default: <output_dir>/sweep_<name>)")
     p.add_argument("--split", default="test", help="split evaluated per cell (default test; val to choose)")

@@ -17,8 +17,7 @@ def cmd_pretrain(args) -> int:
         return 0
     if not args.config:
         raise ConfigError("give --config retclip_pretrain (or --run runs/NAME --evaluate)")
-    pretrain(load_config(args.config, args.overrides, workflow="pretrain"), args.data, args.run_dir,
-             args.overwrite)
+    pretrain(load_config(args.config, args.overrides, workflow="pretrain"), args.data, args.run_dir, args.overwrite)
     return 0
 
 
@@ -26,8 +25,7 @@ def cmd_transfer(args) -> int:
     from kfundus.config import load_config
     from kfundus.workflows.transfer import run_transfer
 
-    run_transfer(load_config(args.config, args.overrides, workflow="transfer"), args.data, args.out,
-                 args.overwrite)
+    run_transfer(load_config(args.config, args.overrides, workflow="transfer"), args.data, args.out, args.overwrite)
     return 0
 
 

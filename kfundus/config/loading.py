@@ -18,8 +18,16 @@ from typing import Any
 
 import yaml
 
-from kfundus.config.schema import (BACKBONE_FAMILIES, DISTRIBUTIONS, MOVED_KEYS, WORKFLOW_DEFAULTS, WORKFLOWS,
-                                   BackboneSpec, Config, backbone_family)
+from kfundus.config.schema import (
+    BACKBONE_FAMILIES,
+    DISTRIBUTIONS,
+    MOVED_KEYS,
+    WORKFLOW_DEFAULTS,
+    WORKFLOWS,
+    BackboneSpec,
+    Config,
+    backbone_family,
+)
 from kfundus.errors import ConfigError
 
 MIN_IMAGE_SIZE = 32
@@ -32,15 +40,21 @@ MIN_IMAGE_SIZE = 32
 def shipped_configs() -> dict[str, Path]:
     """``{name: path}`` of the configs installed with kfundus (package data)."""
     folder = resources.files("kfundus") / "configs"
-    return {Path(str(p)).stem: Path(str(p)) for p in sorted(folder.iterdir(), key=lambda p: p.name)
-            if p.name.endswith(".yaml")}
+    return {
+        Path(str(p)).stem: Path(str(p))
+        for p in sorted(folder.iterdir(), key=lambda p: p.name)
+        if p.name.endswith(".yaml")
+    }
 
 
 def config_summary(path: Path) -> dict:
     """``{name, workflow, description}`` of a config file, for ``kfundus configs``."""
     data = yaml.safe_load(Path(path).read_text()) or {}
-    return {"name": Path(path).stem, "workflow": data.get("workflow", "train"),
-            "description": " ".join(str(data.get("description", "")).split())}
+    return {
+        "name": Path(path).stem,
+        "workflow": data.get("workflow", "train"),
+        "description": " ".join(str(data.get("description", "")).split()),
+    }
 
 
 def resolve_config(spec) -> Path:
@@ -53,8 +67,10 @@ def resolve_config(spec) -> Path:
     if len(path.parts) == 1 and name in shipped:
         return shipped[name]
     hint = f" (a shipped config has that name: --config {name})" if name in shipped else ""
-    raise ConfigError(f"config {spec} not found{hint}: give a YAML file, or the name of a shipped config "
-                      f"({', '.join(shipped)}; `kfundus configs` describes them)")
+    raise ConfigError(
+        f"config {spec} not found{hint}: give a YAML file, or the name of a shipped config "
+        f"({', '.join(shipped)}; `kfundus configs` describes them)"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -70,8 +86,10 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc.problem}); quote it, "
-                              "e.g. --set 'data.labels=[N, G]'") from exc
+            raise ConfigError(
+                f"--set {item!r}: the value is not valid YAML ({exc.problem}); quote it, "
+                "e.g. --set 'data.labels=[N, G]'"
+            ) from exc
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -114,16 +132,20 @@ def _build(cls, values: Any, where: str, prefix: str = ""):
     if values is None:
         return cls()
     if not isinstance(values, dict):
-        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the top level'}: expected a mapping of "
-                          f"{cls.__name__} fields, got {values!r}")
+        raise ConfigError(
+            f"{where}: {prefix.rstrip('.') or 'the top level'}: expected a mapping of "
+            f"{cls.__name__} fields, got {values!r}"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
         moved = [f"{prefix}{k} is now {MOVED_KEYS[prefix + k]}" for k in unknown if prefix + k in MOVED_KEYS]
-        raise ConfigError(f"{where}: unknown key(s) {[prefix + k for k in unknown]}; valid keys"
-                          f"{' of ' + prefix.rstrip('.') if prefix else ''}: {sorted(fields)}"
-                          + (f" ({'; '.join(moved)})" if moved else ""))
+        raise ConfigError(
+            f"{where}: unknown key(s) {[prefix + k for k in unknown]}; valid keys"
+            f"{' of ' + prefix.rstrip('.') if prefix else ''}: {sorted(fields)}"
+            + (f" ({'; '.join(moved)})" if moved else "")
+        )
     kwargs = {}
     for key, value in values.items():
         hint = hints[key]
@@ -184,8 +206,9 @@ class _Checker:
 
     def choice(self, key, value, choices):
         if value not in choices:
-            raise ConfigError(f"{self.where}: {key}={value!r}: use one of {list(choices)} "
-                              f"(e.g. --set {key}={list(choices)[0]})")
+            raise ConfigError(
+                f"{self.where}: {key}={value!r}: use one of {list(choices)} (e.g. --set {key}={list(choices)[0]})"
+            )
 
 
 def check_config(config: Config, where: str = "config") -> Config:
@@ -198,8 +221,10 @@ def check_config(config: Config, where: str = "config") -> Config:
     c.fraction("data.split.val", d.split.val)
     c.fraction("data.split.test", d.split.test)
     if d.split.val + d.split.test >= 1:
-        raise ConfigError(f"{where}: data.split.val + data.split.test = {d.split.val + d.split.test} leaves no "
-                          "training patients; make them sum below 1 (e.g. --set data.split.test=0.15)")
+        raise ConfigError(
+            f"{where}: data.split.val + data.split.test = {d.split.val + d.split.test} leaves no "
+            "training patients; make them sum below 1 (e.g. --set data.split.test=0.15)"
+        )
     a = d.augment
     c.at_least("data.augment.rotation", a.rotation, 0, 10)
     for key in ("zoom", "brightness", "contrast", "saturation", "hue"):
@@ -227,8 +252,10 @@ def check_config(config: Config, where: str = "config") -> Config:
     c.choice("train.class_weight", t.class_weight, (None, "balanced"))
     ema = t.ema
     if ema is not None and (isinstance(ema, bool) or not 0 < ema < 1):
-        raise ConfigError(f"{where}: train.ema={ema!r}: give the weight average's momentum, a number between 0 "
-                          "and 1 (e.g. --set train.ema=0.99), or null for no averaging")
+        raise ConfigError(
+            f"{where}: train.ema={ema!r}: give the weight average's momentum, a number between 0 "
+            "and 1 (e.g. --set train.ema=0.99), or null for no averaging"
+        )
     formats = ("keras", "saved_model", "tflite")
     bad = [f for f in config.export.formats if f not in formats]
     if bad:
@@ -259,17 +286,25 @@ def _check_backbones(config: Config, where: str) -> None:
     """Build ``transfer.backbones`` into BackboneSpecs and check them."""
     x = config.transfer
     if not isinstance(x.backbones, list) or not x.backbones:
-        raise ConfigError(f"{where}: transfer.backbones: give a list of backbones, e.g. "
-                          "[{name: imagenet, family: efficientnet_b0, weights: imagenet}]")
-    specs = [b if isinstance(b, BackboneSpec) else _build(BackboneSpec, b, where, f"transfer.backbones[{i}].")
-             for i, b in enumerate(x.backbones)]
+        raise ConfigError(
+            f"{where}: transfer.backbones: give a list of backbones, e.g. "
+            "[{name: imagenet, family: efficientnet_b0, weights: imagenet}]"
+        )
+    specs = [
+        b if isinstance(b, BackboneSpec) else _build(BackboneSpec, b, where, f"transfer.backbones[{i}].")
+        for i, b in enumerate(x.backbones)
+    ]
     for i, spec in enumerate(specs):
         if backbone_family(spec) is None:
-            raise ConfigError(f"{where}: transfer.backbones[{i}] ({spec.name}): family={spec.family!r}; set family "
-                              f"to one of {list(BACKBONE_FAMILIES)}")
+            raise ConfigError(
+                f"{where}: transfer.backbones[{i}] ({spec.name}): family={spec.family!r}; set family "
+                f"to one of {list(BACKBONE_FAMILIES)}"
+            )
         if spec.name == "retclip" and not spec.weights:
-            raise ConfigError(f"{where}: transfer.backbones[{i}]: retclip needs weights: the vision_encoder folder "
-                              "`kfundus pretrain` wrote")
+            raise ConfigError(
+                f"{where}: transfer.backbones[{i}]: retclip needs weights: the vision_encoder folder "
+                "`kfundus pretrain` wrote"
+            )
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: transfer.backbones: names {names} repeat; give each backbone its own name")
@@ -293,8 +328,10 @@ def load_config(spec=None, overrides: list[str] | None = None, *, workflow: str 
     if declared not in WORKFLOWS:
         raise ConfigError(f"{where}: workflow={declared!r}: use one of {list(WORKFLOWS)}")
     if workflow is not None and declared != workflow:
-        raise ConfigError(f"{where} is a config for `kfundus {declared}`, not `kfundus {workflow}`: run "
-                          f"kfundus {declared} --config {spec}")
+        raise ConfigError(
+            f"{where} is a config for `kfundus {declared}`, not `kfundus {workflow}`: run "
+            f"kfundus {declared} --config {spec}"
+        )
     data = _merge(WORKFLOW_DEFAULTS[declared], {**data, "workflow": declared})
     return check_config(_build(Config, data, where), where)
 

@@ -261,11 +261,27 @@ class Config:
 
 
 # Defaults that differ by workflow, merged under what a config file says.
-RETCLIP_TRAIN = {"optimizer": "adamw", "learning_rate": 3e-5, "weight_decay": 1e-3, "beta_2": 0.98,
-                 "epochs": 10, "batch_size": 256, "warmup_epochs": 1.0, "monitor": "val_loss"}
-TRANSFER_TRAIN = {"optimizer": "adamw", "learning_rate": 1e-4, "weight_decay": 0.01, "epochs": 30,
-                  "early_stopping": 5, "batch_size": 16, "schedule": "constant", "monitor": "val_auroc",
-                  "class_weight": "balanced"}
+RETCLIP_TRAIN = {
+    "optimizer": "adamw",
+    "learning_rate": 3e-5,
+    "weight_decay": 1e-3,
+    "beta_2": 0.98,
+    "epochs": 10,
+    "batch_size": 256,
+    "warmup_epochs": 1.0,
+    "monitor": "val_loss",
+}
+TRANSFER_TRAIN = {
+    "optimizer": "adamw",
+    "learning_rate": 1e-4,
+    "weight_decay": 0.01,
+    "epochs": 30,
+    "early_stopping": 5,
+    "batch_size": 16,
+    "schedule": "constant",
+    "monitor": "val_auroc",
+    "class_weight": "balanced",
+}
 WORKFLOW_DEFAULTS = {
     "train": {},
     "pretrain": {"model": {"name": "retclip"}, "train": RETCLIP_TRAIN, "data": {"split": {"val": 0.1, "test": 0.1}}},
@@ -274,15 +290,30 @@ WORKFLOW_DEFAULTS = {
 
 # Keys of the three configuration roots kfundus had before version 0.2, and where they went.
 MOVED_KEYS = {
-    "cv.k": "transfer.folds", "cv.seed": "data.split.seed", "cv.val": "data.split.val", "cv": "transfer.folds",
-    "data.label": "data.labels (a list of one)", "backbones": "transfer.backbones",
-    "protocols": "transfer.protocols", "lp": "transfer.linear_probe", "threshold": "transfer.threshold",
-    "feature_batch_size": "transfer.feature_batch_size", "ft": "train (optimizer adamw, early_stopping, ...)",
-    "ft.learning_rate": "train.learning_rate", "ft.weight_decay": "train.weight_decay",
-    "ft.epochs": "train.epochs", "ft.patience": "train.early_stopping", "ft.batch_size": "train.batch_size",
-    "ft.balanced": "train.class_weight=balanced", "data.val": "data.split.val", "data.test": "data.split.test",
-    "data.seed": "data.split.seed", "model.vision_weights": "model.weights",
-    "model.vision_config": "model.options.vision_config", "model.text_weights": "model.options.text_weights",
-    "model.text_config": "model.options.text_config", "model.embed_dim": "model.options.embed_dim",
+    "cv.k": "transfer.folds",
+    "cv.seed": "data.split.seed",
+    "cv.val": "data.split.val",
+    "cv": "transfer.folds",
+    "data.label": "data.labels (a list of one)",
+    "backbones": "transfer.backbones",
+    "protocols": "transfer.protocols",
+    "lp": "transfer.linear_probe",
+    "threshold": "transfer.threshold",
+    "feature_batch_size": "transfer.feature_batch_size",
+    "ft": "train (optimizer adamw, early_stopping, ...)",
+    "ft.learning_rate": "train.learning_rate",
+    "ft.weight_decay": "train.weight_decay",
+    "ft.epochs": "train.epochs",
+    "ft.patience": "train.early_stopping",
+    "ft.batch_size": "train.batch_size",
+    "ft.balanced": "train.class_weight=balanced",
+    "data.val": "data.split.val",
+    "data.test": "data.split.test",
+    "data.seed": "data.split.seed",
+    "model.vision_weights": "model.weights",
+    "model.vision_config": "model.options.vision_config",
+    "model.text_weights": "model.options.text_weights",
+    "model.text_config": "model.options.text_config",
+    "model.embed_dim": "model.options.embed_dim",
     "model.text_head_dim": "model.options.text_head_dim",
 }

@@ -39,9 +39,7 @@ class Manifest:
     labels: list[str]
     task: str = "multilabel"
     name: str = ""
-    skipped: pd.DataFrame = dataclasses.field(
-        default_factory=lambda: pd.DataFrame(columns=["path", "reason"])
-    )
+    skipped: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=["path", "reason"]))
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -66,7 +64,7 @@ class Manifest:
         """The label matrix, float32 of shape (rows, len(labels))."""
         return self.frame[self.labels].to_numpy(dtype=np.float32)
 
-    def subset(self, mask_or_index) -> "Manifest":
+    def subset(self, mask_or_index) -> Manifest:
         """A Manifest of some rows (boolean mask or index labels), same labels and task."""
         if isinstance(mask_or_index, (pd.Series, np.ndarray)) and np.asarray(mask_or_index).dtype == bool:
             frame = self.frame[np.asarray(mask_or_index)]
@@ -74,7 +72,7 @@ class Manifest:
             frame = self.frame.loc[mask_or_index]
         return dataclasses.replace(self, frame=frame.reset_index(drop=True))
 
-    def with_labels(self, labels: list[str], task: str | None = None) -> "Manifest":
+    def with_labels(self, labels: list[str], task: str | None = None) -> Manifest:
         """The same rows with a subset of the label columns (e.g. ODIR N, G, C)."""
         return dataclasses.replace(self, labels=list(labels), task=task or self.task)
 

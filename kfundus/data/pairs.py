@@ -16,8 +16,16 @@ from kfundus.data.pipeline import Prepared, augmenter, cache_positions
 from kfundus.errors import ConfigError, DataError
 
 _SIDE_WORDS = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b|(左)|(右)")
-_SWAP = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT",
-         "左": "右", "右": "左"}
+_SWAP = {
+    "left": "right",
+    "right": "left",
+    "Left": "Right",
+    "Right": "Left",
+    "LEFT": "RIGHT",
+    "RIGHT": "LEFT",
+    "左": "右",
+    "右": "左",
+}
 
 
 def swap_sides(text: str) -> str:
@@ -26,9 +34,19 @@ def swap_sides(text: str) -> str:
     return _SIDE_WORDS.sub(lambda m: _SWAP[m.group(0)], text)
 
 
-def make_pair_dataset(prepared: Prepared, packer, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                      flip: bool = False, repeat: bool = False, with_index: bool = False,
-                      drop_remainder: bool = False, augment=None) -> tf.data.Dataset:
+def make_pair_dataset(
+    prepared: Prepared,
+    packer,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    flip: bool = False,
+    repeat: bool = False,
+    with_index: bool = False,
+    drop_remainder: bool = False,
+    augment=None,
+) -> tf.data.Dataset:
     """Stream prepared pairs as batches of dicts.
 
     Yields ``{"left_image": float32 (B, H, W, 3) in [0, 255], "right_image": ...,
@@ -55,11 +73,15 @@ def make_pair_dataset(prepared: Prepared, packer, batch_size: int, *, shuffle: b
     """
     manifest = prepared.manifest
     if manifest.level != "patient" or "text" not in manifest.frame:
-        raise DataError("image-report pairs need patient rows (left_image, right_image) with a text column: read "
-                        "them with kfundus.data.readers.load_pairs")
+        raise DataError(
+            "image-report pairs need patient rows (left_image, right_image) with a text column: read "
+            "them with kfundus.data.readers.load_pairs"
+        )
     if augment is not None and augment.hflip:
-        raise ConfigError("data.augment.hflip would mirror one eye in place and teach the wrong laterality; "
-                          "use --set data.flip=true (mirrors both eyes, swaps them and the report's sides)")
+        raise ConfigError(
+            "data.augment.hflip would mirror one eye in place and teach the wrong laterality; "
+            "use --set data.flip=true (mirrors both eyes, swaps them and the report's sides)"
+        )
     aug = augmenter(augment, seed) if augment is not None else None
     size = prepared.config.image_size
     reports = manifest.frame["text"].astype(str).tolist()
@@ -90,7 +112,7 @@ def make_pair_dataset(prepared: Prepared, packer, batch_size: int, *, shuffle: b
         text = tf.gather(report_table, index)
         if flip:
             flipped = tf.equal(coins % 2, 1)
-            pick = lambda a, b: tf.where(flipped[:, None, None, None], a, b)  # noqa: E731
+            pick = lambda a, b: tf.where(flipped[:, None, None, None], a, b)
             left, right = pick(tf.reverse(right, axis=[2]), left), pick(tf.reverse(left, axis=[2]), right)
             text = tf.where(flipped, tf.gather(swapped_table, index), text)
         if aug is not None:

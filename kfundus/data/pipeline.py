@@ -96,9 +96,7 @@ def decode(contents: tf.Tensor, target: int) -> tf.Tensor:
 
     def jpeg():
         index = _jpeg_ratio_index(contents, target)
-        branches = [
-            (lambda r=r: tf.io.decode_jpeg(contents, channels=3, ratio=r)) for r in JPEG_RATIOS
-        ]
+        branches = [(lambda r=r: tf.io.decode_jpeg(contents, channels=3, ratio=r)) for r in JPEG_RATIOS]
         return tf.switch_case(index, branches)
 
     def other():
@@ -127,8 +125,14 @@ def fov_box(image: tf.Tensor, threshold: float = 15.0) -> tf.Tensor:
     cols = tf.cast(tf.where(tf.reduce_mean(inside, axis=0) > 0.01)[:, 0], tf.int32)
 
     def box():
-        return tf.stack([tf.reduce_min(rows) * step, tf.minimum((tf.reduce_max(rows) + 1) * step, height),
-                         tf.reduce_min(cols) * step, tf.minimum((tf.reduce_max(cols) + 1) * step, width)])
+        return tf.stack(
+            [
+                tf.reduce_min(rows) * step,
+                tf.minimum((tf.reduce_max(rows) + 1) * step, height),
+                tf.reduce_min(cols) * step,
+                tf.minimum((tf.reduce_max(cols) + 1) * step, width),
+            ]
+        )
 
     has_field = tf.logical_and(tf.size(rows) > 0, tf.size(cols) > 0)
     return tf.cond(has_field, box, lambda: tf.stack([0, height, 0, width]))
@@ -137,7 +141,7 @@ def fov_box(image: tf.Tensor, threshold: float = 15.0) -> tf.Tensor:
 def fundus_crop(image: tf.Tensor, threshold: float = 15.0) -> tf.Tensor:
     """Crop an image to its field of view (see ``fov_box``)."""
     box = fov_box(image, threshold)
-    return image[box[0]:box[1], box[2]:box[3]]
+    return image[box[0] : box[1], box[2] : box[3]]
 
 
 def pad_and_resize(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -183,7 +187,7 @@ def preprocess_mask(mask, contents: tf.Tensor, config: Preprocess) -> tf.Tensor:
     mask = tf.image.resize(mask, tf.shape(image)[:2], method="area")
     if config.crop_fundus:
         box = fov_box(image, config.fov_threshold)
-        mask = mask[box[0]:box[1], box[2]:box[3]]
+        mask = mask[box[0] : box[1], box[2] : box[3]]
     size = config.image_size
     return tf.clip_by_value(pad_and_resize(mask, size)[..., 0], 0.0, 1.0)
 
@@ -331,8 +335,13 @@ def _build_cache(manifest: Manifest, config: Preprocess, folder: Path, progress:
     tmp = folder / (record_file + ".partial")
     seen = np.zeros(len(manifest), dtype=bool)
     with tf.io.TFRecordWriter(str(tmp)) as writer:
-        bar = tqdm(total=len(manifest), desc=f"decoding {manifest.name or 'images'}", unit="img",
-                   disable=not progress, leave=False)
+        bar = tqdm(
+            total=len(manifest),
+            desc=f"decoding {manifest.name or 'images'}",
+            unit="img",
+            disable=not progress,
+            leave=False,
+        )
         for rows, pixels in _read_rows(manifest, config).as_numpy_iterator():
             for row, image in zip(rows, pixels):
                 writer.write(struct.pack("<q", int(row)) + image.tobytes())
@@ -346,8 +355,7 @@ def _build_cache(manifest: Manifest, config: Preprocess, folder: Path, progress:
         reasons = [(path, _decode_error(path, config)) for path in paths]
         path, reason = next(((p, r) for p, r in reasons if r), (paths[-1], "decoding failed inside the pipeline"))
         skipped.append((int(row), path, reason))
-    index = {"files": [record_file], "rows": int(seen.sum()), "skipped": skipped,
-             "config": dataclasses.asdict(config)}
+    index = {"files": [record_file], "rows": int(seen.sum()), "skipped": skipped, "config": dataclasses.asdict(config)}
     (folder / "index.json").write_text(json.dumps(index, indent=1))
 
 
@@ -369,8 +377,7 @@ def augmenter(augment: Augment, seed: int | None = None):
         layers.append(keras.layers.RandomRotation(augment.rotation / 360.0, fill_mode="constant", seed=seed))
     if augment.zoom:
         layers.append(keras.layers.RandomZoom(augment.zoom, fill_mode="constant", seed=seed))
-    jitter = dict(brightness_factor=augment.brightness, contrast_factor=augment.contrast,
-                  hue_factor=augment.hue)
+    jitter = dict(brightness_factor=augment.brightness, contrast_factor=augment.contrast, hue_factor=augment.hue)
     jitter = {k: v for k, v in jitter.items() if v}
     if augment.saturation:
         # Keras' saturation factor f means a multiplier f / (1 - f) (0.5 = identity), and a

@@ -27,15 +27,26 @@ from kfundus.data.manifest import Manifest
 from kfundus.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
-SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                "validation": "val", "eval": "val", "evaluation": "val", "dev": "val",
-                "test": "test", "testing": "test"}
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "eval": "val",
+    "evaluation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 def _patient_ids(manifest: Manifest) -> pd.Series:
     if "patient_id" not in manifest.frame.columns:
-        raise DataError(f"the {manifest.name or 'dataset'} manifest has no patient_id column: add one "
-                        "(each image its own patient if the source has no patient ids)")
+        raise DataError(
+            f"the {manifest.name or 'dataset'} manifest has no patient_id column: add one "
+            "(each image its own patient if the source has no patient ids)"
+        )
     return manifest.frame["patient_id"].astype(str).reset_index(drop=True)
 
 
@@ -80,9 +91,11 @@ def _official(manifest: Manifest) -> pd.Series:
     split = raw.map(SPLIT_ALIASES)
     if split.isna().any():
         i = int(np.flatnonzero(split.isna().to_numpy())[0])
-        raise DataError(f"row {i} of the {manifest.name or 'dataset'} manifest has split {raw.iloc[i]!r}; "
-                        f"the split column takes {sorted(set(SPLIT_ALIASES))}. Fix the column, or pass "
-                        "use_official=False to ignore it")
+        raise DataError(
+            f"row {i} of the {manifest.name or 'dataset'} manifest has split {raw.iloc[i]!r}; "
+            f"the split column takes {sorted(set(SPLIT_ALIASES))}. Fix the column, or pass "
+            "use_official=False to ignore it"
+        )
     return split
 
 
@@ -118,14 +131,15 @@ def split_patients(manifest: Manifest, *, val=0.15, test=0.15, seed=0, use_offic
         check_patient_disjoint(_by_split(manifest, split))
         present = set(split)
         if "train" not in present:
-            raise DataError(f"the official split column of {manifest.name or 'the dataset'} has no train rows "
-                            f"(only {sorted(present)}): pass use_official=False to split it anew")
+            raise DataError(
+                f"the official split column of {manifest.name or 'the dataset'} has no train rows "
+                f"(only {sorted(present)}): pass use_official=False to split it anew"
+            )
         carve_test = test if "test" not in present else 0.0
         carve_val = val if "val" not in present else 0.0
         if carve_test or carve_val:
             train = (split == "train").to_numpy()
-            assign = _assign(manifest.subset(train), pids[train].reset_index(drop=True),
-                             carve_test, carve_val, seed)
+            assign = _assign(manifest.subset(train), pids[train].reset_index(drop=True), carve_test, carve_val, seed)
             split = split.copy()
             split[train] = pids[train].map(assign).to_numpy()
     else:
@@ -133,8 +147,9 @@ def split_patients(manifest: Manifest, *, val=0.15, test=0.15, seed=0, use_offic
     out = _by_split(manifest, split)
     for name, fraction in (("val", val), ("test", test)):
         if fraction > 0 and name not in out:
-            warnings.warn(f"the {name} split is empty ({pids.nunique()} patients are too few for "
-                          f"{name}={fraction})", stacklevel=2)
+            warnings.warn(
+                f"the {name} split is empty ({pids.nunique()} patients are too few for {name}={fraction})", stacklevel=2
+            )
     check_patient_disjoint(out)
     return out
 
@@ -200,23 +215,31 @@ def to_patients(manifest: Manifest) -> Manifest:
     eye = frame["eye"].astype(str).str.lower()
     bad = np.flatnonzero(~eye.isin(["left", "right"]).to_numpy())
     if len(bad):
-        raise DataError(f"row {bad[0]} (patient {frame['patient_id'].iloc[bad[0]]!r}) has eye "
-                        f"{frame['eye'].iloc[bad[0]]!r}: to_patients needs left or right on every row")
+        raise DataError(
+            f"row {bad[0]} (patient {frame['patient_id'].iloc[bad[0]]!r}) has eye "
+            f"{frame['eye'].iloc[bad[0]]!r}: to_patients needs left or right on every row"
+        )
     key = frame["patient_id"].astype(str)
     dup = pd.Series(list(zip(key, eye))).duplicated().to_numpy()
     if dup.any():
-        raise DataError(f"patient {key.iloc[np.flatnonzero(dup)[0]]!r} has two {eye.iloc[np.flatnonzero(dup)[0]]} "
-                        "images: keep one per eye before to_patients")
+        raise DataError(
+            f"patient {key.iloc[np.flatnonzero(dup)[0]]!r} has two {eye.iloc[np.flatnonzero(dup)[0]]} "
+            "images: keep one per eye before to_patients"
+        )
     left = frame[eye == "left"].set_index(key[eye == "left"])
     right = frame[eye == "right"].set_index(key[eye == "right"])
     both = [p for p in dict.fromkeys(key) if p in left.index and p in right.index]
     lone = frame[~key.isin(both)]
     if len(lone):
-        warnings.warn(f"{len(lone)} patient(s) have one eye only and were dropped, e.g. "
-                      f"{lone['patient_id'].astype(str).tolist()[:5]}", stacklevel=2)
+        warnings.warn(
+            f"{len(lone)} patient(s) have one eye only and were dropped, e.g. "
+            f"{lone['patient_id'].astype(str).tolist()[:5]}",
+            stacklevel=2,
+        )
     left, right = left.loc[both], right.loc[both]
-    out = pd.DataFrame({"patient_id": both, "left_image": left["image"].to_numpy(),
-                        "right_image": right["image"].to_numpy()})
+    out = pd.DataFrame(
+        {"patient_id": both, "left_image": left["image"].to_numpy(), "right_image": right["image"].to_numpy()}
+    )
     labels = manifest.labels
     patient_cols = [f"patient_{c}" for c in labels]
     if all(c in frame.columns for c in patient_cols):
@@ -257,8 +280,9 @@ def to_eyes(manifest: Manifest) -> Manifest:
     frame = manifest.frame.reset_index(drop=True)
     parts = []
     for side in ("left", "right"):
-        part = pd.DataFrame({"patient_id": frame["patient_id"].to_numpy(),
-                             "image": frame[f"{side}_image"].to_numpy(), "eye": side})
+        part = pd.DataFrame(
+            {"patient_id": frame["patient_id"].to_numpy(), "image": frame[f"{side}_image"].to_numpy(), "eye": side}
+        )
         shared = [c for c in frame.columns if not c.startswith(("left_", "right_", "patient_id"))]
         own = [c for c in frame.columns if c.startswith(f"{side}_") and c != f"{side}_image"]
         for c in shared + own:  # an eye's own column wins over a shared one of that name

@@ -7,5 +7,14 @@ from kfundus.deploy.predict import predict_images
 from kfundus.deploy.saved_model import export_bundle, export_saved_model, run_saved_model
 from kfundus.deploy.tflite import convert_tflite, run_tflite, tflite_ops
 
-__all__ = ["convert_tflite", "export_bundle", "export_run", "export_saved_model", "predict_images", "read_card",
-           "run_saved_model", "run_tflite", "tflite_ops"]
+__all__ = [
+    "convert_tflite",
+    "export_bundle",
+    "export_run",
+    "export_saved_model",
+    "predict_images",
+    "read_card",
+    "run_saved_model",
+    "run_tflite",
+    "tflite_ops",
+]

@@ -28,8 +28,21 @@ from kfundus.run import RunFolder
 from kfundus.systems import load_model
 
 CARD = "model_card.json"
-HEADLINE = ("macro_auroc", "macro_ap", "macro_f1", "macro_sensitivity", "macro_specificity", "micro_auroc",
-            "accuracy", "quadratic_kappa", "auroc", "kappa", "f1", "sensitivity", "specificity")
+HEADLINE = (
+    "macro_auroc",
+    "macro_ap",
+    "macro_f1",
+    "macro_sensitivity",
+    "macro_specificity",
+    "micro_auroc",
+    "accuracy",
+    "quadratic_kappa",
+    "auroc",
+    "kappa",
+    "f1",
+    "sensitivity",
+    "specificity",
+)
 
 
 def headline(metrics: dict) -> dict:
@@ -52,8 +65,13 @@ def _split(config, run: RunFolder, data_path, split: str):
         manifest = run.split_manifest(split, data_root=data_path)
         if len(manifest) == 0:
             return None, f"the run's {split} split is empty"
-        return prepare(manifest, Preprocess.from_config(config.data), cache_dir=config.data.cache_dir,
-                       skip_unreadable=True, progress=False), None
+        return prepare(
+            manifest,
+            Preprocess.from_config(config.data),
+            cache_dir=config.data.cache_dir,
+            skip_unreadable=True,
+            progress=False,
+        ), None
     except (DataError, ConfigError, FileNotFoundError) as err:
         return None, f"{type(err).__name__}: {err}"
 
@@ -83,8 +101,11 @@ def rank_agreement(y_prob, reference) -> float | None:
 
     y_prob = np.asarray(y_prob).reshape(len(y_prob), -1)
     reference = np.asarray(reference).reshape(len(reference), -1)
-    values = [spearmanr(y_prob[:, j], reference[:, j]).statistic for j in range(y_prob.shape[1])
-              if np.ptp(y_prob[:, j]) > 0 and np.ptp(reference[:, j]) > 0]
+    values = [
+        spearmanr(y_prob[:, j], reference[:, j]).statistic
+        for j in range(y_prob.shape[1])
+        if np.ptp(y_prob[:, j]) > 0 and np.ptp(reference[:, j]) > 0
+    ]
     return float(np.mean(values)) if values else None
 
 
@@ -98,21 +119,23 @@ def format_accuracy(paths: dict, model, prepared, info: dict, primary: str | Non
     y_true = prepared.manifest.targets()
     labels = info["labels"]
     task = info["task"]
-    predictions = {"keras": primary_output(model.predict(inputs if len(inputs) > 1 else inputs["image"],
-                                                   batch_size=32, verbose=0), primary)}
+    predictions = {
+        "keras": primary_output(
+            model.predict(inputs if len(inputs) > 1 else inputs["image"], batch_size=32, verbose=0), primary
+        )
+    }
     for key, path in paths.items():
         if key.startswith("tflite"):
             outputs = {}
             for start in range(0, len(y_true), 32):
-                batch = run_tflite(path, {k: v[start:start + 32] for k, v in inputs.items()})
+                batch = run_tflite(path, {k: v[start : start + 32] for k, v in inputs.items()})
                 for name, value in batch.items():
                     outputs.setdefault(name, []).append(value)
             predictions[Path(path).name] = primary_output({k: np.concatenate(v) for k, v in outputs.items()}, primary)
     table = {}
     for name, y_prob in predictions.items():
         metrics = evaluate_predictions(y_true, y_prob, labels, task, ordinal=labels == DR_GRADES)
-        table[name] = {k: metrics[k] for k in ("macro_auroc", "auroc", "accuracy", "quadratic_kappa")
-                       if k in metrics}
+        table[name] = {k: metrics[k] for k in ("macro_auroc", "auroc", "accuracy", "quadratic_kappa") if k in metrics}
         table[name]["max_abs_diff_vs_keras"] = float(np.max(np.abs(y_prob - predictions["keras"])))
         table[name]["rank_correlation_vs_keras"] = rank_agreement(y_prob, predictions["keras"])
     return {"rows": len(y_true), "split": "val", **table}
@@ -141,7 +164,8 @@ def export_run(run_dir, out_dir=None, *, data_path=None) -> Path:
             raise ConfigError(
                 f"the int8 TFLite file is calibrated on the run's training images, which could not be "
                 f"read ({reason}). Pass --data DIR (where the dataset is now), or leave int8 out: "
-                f"--set 'export.tflite=[float32, float16, dynamic_int8]' when training")
+                f"--set 'export.tflite=[float32, float16, dynamic_int8]' when training"
+            )
         calibration = _arrays(train, CALIBRATION_SAMPLES, seed=config.train.seed)
     if variants:
         val, reason = _split(config, run, data_path, "val")
@@ -159,27 +183,50 @@ def export_run(run_dir, out_dir=None, *, data_path=None) -> Path:
         "task": info["task"],
         "level": info["level"],
         "primary_output": thresholds.get("primary_output"),
-        "thresholds": {"method": thresholds["method"], "labels": thresholds["labels"],
-                       "values": thresholds["thresholds"]},
-        "preprocessing": {**dataclasses.asdict(preprocess), "input": (
-            "float32 RGB in [0, 255]: decoded (JPEG reduced in the DCT domain), "
-            + ("cropped to the fundus field of view, " if preprocess.crop_fundus else "")
-            + "padded to a square with black, resized bilinearly, rounded to 8 bits; the model "
-            "normalises inside. The SavedModel's serving_default signature does all of it from "
-            "encoded bytes; TFLite and serving_preprocessed take the result")},
+        "thresholds": {
+            "method": thresholds["method"],
+            "labels": thresholds["labels"],
+            "values": thresholds["thresholds"],
+        },
+        "preprocessing": {
+            **dataclasses.asdict(preprocess),
+            "input": (
+                "float32 RGB in [0, 255]: decoded (JPEG reduced in the DCT domain), "
+                + ("cropped to the fundus field of view, " if preprocess.crop_fundus else "")
+                + "padded to a square with black, resized bilinearly, rounded to 8 bits; the model "
+                "normalises inside. The SavedModel's serving_default signature does all of it from "
+                "encoded bytes; TFLite and serving_preprocessed take the result"
+            ),
+        },
         "image_size": info["image_size"],
         "metrics": evaluated,
-        "data": {"source": info.get("source"), "path": info.get("data_path"), "counts": info.get("counts"),
-                 "skipped": info.get("skipped")},
-        "training": {"config": config.name, "run": str(run), "model": config.model.name,
-                     "epochs": config.train.epochs, "image_size": config.data.image_size},
+        "data": {
+            "source": info.get("source"),
+            "path": info.get("data_path"),
+            "counts": info.get("counts"),
+            "skipped": info.get("skipped"),
+        },
+        "training": {
+            "config": config.name,
+            "run": str(run),
+            "model": config.model.name,
+            "epochs": config.train.epochs,
+            "image_size": config.data.image_size,
+        },
         "notes": notes,
         "kfundus_version": __version__,
     }
-    paths = export_bundle(model, out_dir, labels=bundle_labels(model, info["labels"], card["primary_output"]),
-                          formats=tuple(config.export.formats),
-                          metadata=card, sample_inputs=samples, preprocess=preprocess,
-                          tflite_variants=variants, calibration=calibration)
+    paths = export_bundle(
+        model,
+        out_dir,
+        labels=bundle_labels(model, info["labels"], card["primary_output"]),
+        formats=tuple(config.export.formats),
+        metadata=card,
+        sample_inputs=samples,
+        preprocess=preprocess,
+        tflite_variants=variants,
+        calibration=calibration,
+    )
     if val is not None and variants:
         card_path = paths["model_card"]
         full = json.loads(card_path.read_text())
@@ -206,7 +253,5 @@ def read_card(bundle) -> dict:
     """The model card of a bundle folder, with a clear error when it is not one."""
     path = Path(bundle) / CARD
     if not path.exists():
-        raise ConfigError(f"{bundle} has no {CARD}: give a folder written by `kfundus export` "
-                          f"(saved_models/<run>)")
+        raise ConfigError(f"{bundle} has no {CARD}: give a folder written by `kfundus export` (saved_models/<run>)")
     return json.loads(path.read_text())
-

@@ -71,8 +71,10 @@ def _from_csv(path: Path, inputs: list[str]) -> pd.DataFrame:
         if found is None and len(inputs) == 1:
             found = table.columns[0]
         if found is None:
-            raise DataError(f"{path}: no column for model input {name!r}; name it {name!r} or {short!r} "
-                            f"(columns: {list(table.columns)})")
+            raise DataError(
+                f"{path}: no column for model input {name!r}; name it {name!r} or {short!r} "
+                f"(columns: {list(table.columns)})"
+            )
         columns[name] = table[found].fillna("").astype(str)
     frame = pd.DataFrame(columns)
     base = path.parent
@@ -91,8 +93,10 @@ def _pair_eyes(files, inputs, where) -> pd.DataFrame:
             if stem.lower().endswith(f"_{eye}"):
                 rows.setdefault(stem[: -len(eye) - 1], {})[f"{eye}_image"] = f
     if not rows:
-        raise DataError(f"--images {where}: this two-eye model needs files named <id>_left.* and "
-                        f"<id>_right.*, or a CSV with left_image,right_image columns")
+        raise DataError(
+            f"--images {where}: this two-eye model needs files named <id>_left.* and "
+            f"<id>_right.*, or a CSV with left_image,right_image columns"
+        )
     frame = pd.DataFrame([{"id": k, **v} for k, v in sorted(rows.items())])
     for name in inputs:
         frame[name] = frame.get(name, pd.Series([""] * len(frame))).fillna("")
@@ -120,8 +124,9 @@ class _Preprocessor:
 
         from kfundus.data.pipeline import preprocess_image
 
-        self._fn = tf.function(lambda c: tf.round(preprocess_image(c, preprocess)),
-                               input_signature=[tf.TensorSpec((), tf.string)])
+        self._fn = tf.function(
+            lambda c: tf.round(preprocess_image(c, preprocess)), input_signature=[tf.TensorSpec((), tf.string)]
+        )
 
     def __call__(self, data: bytes) -> tuple[np.ndarray | None, str | None]:
         import tensorflow as tf
@@ -162,8 +167,10 @@ def _tflite_file(bundle: Path, card: dict, choice: str | None) -> Path:
         path = Path(choice) if os.path.isabs(choice) else bundle / choice
     if not path.exists():
         present = sorted(p.name for p in bundle.glob("*.tflite"))
-        raise ConfigError(f"--tflite {choice}: {path} not found; the bundle has {present or 'no .tflite files'}"
-                          f" (variants: {', '.join(TFLITE_FILES)})")
+        raise ConfigError(
+            f"--tflite {choice}: {path} not found; the bundle has {present or 'no .tflite files'}"
+            f" (variants: {', '.join(TFLITE_FILES)})"
+        )
     return path
 
 
@@ -177,8 +184,16 @@ def _tflite_runner(path: Path):
 # the command
 
 
-def predict_images(bundle, images, *, backend: str = "keras", tflite: str | None = None,
-                   batch_size: int = 16, out=None, progress: bool = True) -> pd.DataFrame:
+def predict_images(
+    bundle,
+    images,
+    *,
+    backend: str = "keras",
+    tflite: str | None = None,
+    batch_size: int = 16,
+    out=None,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Run a bundle on images; return (and write to ``out``) the predictions table.
 
     Args:
@@ -192,8 +207,8 @@ def predict_images(bundle, images, *, backend: str = "keras", tflite: str | None
     """
     from tqdm.auto import tqdm
 
-    from kfundus.deploy.bundle import read_card
     from kfundus.data.pipeline import Preprocess
+    from kfundus.deploy.bundle import read_card
 
     if backend not in BACKENDS:
         raise ConfigError(f"--format {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -202,13 +217,15 @@ def predict_images(bundle, images, *, backend: str = "keras", tflite: str | None
     inputs = [i["name"] for i in card["inputs"]]
     table = list_images(images, inputs)
     pre = card["preprocessing"]
-    preprocess = Preprocess(image_size=pre["image_size"], crop_fundus=pre["crop_fundus"],
-                            fov_threshold=pre["fov_threshold"])
+    preprocess = Preprocess(
+        image_size=pre["image_size"], crop_fundus=pre["crop_fundus"], fov_threshold=pre["fov_threshold"]
+    )
     if backend == "saved_model":
         runner, prepare = _saved_model_runner(bundle, inputs), None
     else:
-        runner = _keras_runner(bundle, inputs) if backend == "keras" else _tflite_runner(
-            _tflite_file(bundle, card, tflite))
+        runner = (
+            _keras_runner(bundle, inputs) if backend == "keras" else _tflite_runner(_tflite_file(bundle, card, tflite))
+        )
         prepare = _Preprocessor(preprocess)
 
     status = [None] * len(table)
@@ -217,7 +234,7 @@ def predict_images(bundle, images, *, backend: str = "keras", tflite: str | None
     bar = tqdm(total=len(rows), desc=f"predicting ({backend})", unit="img", disable=not progress, leave=False)
     for start in range(0, len(rows), batch_size):
         chunk, feed = [], {name: [] for name in inputs}
-        for i in rows[start:start + batch_size]:
+        for i in rows[start : start + batch_size]:
             items = []
             for name in inputs:
                 data, reason = _read(table[name].iloc[i])
@@ -243,7 +260,7 @@ def predict_images(bundle, images, *, backend: str = "keras", tflite: str | None
             for j, i in enumerate(chunk):
                 values[i] = {k: v[j] for k, v in batch_out.items()}
                 status[i] = "ok"
-        bar.update(len(rows[start:start + batch_size]))
+        bar.update(len(rows[start : start + batch_size]))
     bar.close()
 
     result = _table(table, status, values, card)
@@ -251,8 +268,11 @@ def predict_images(bundle, images, *, backend: str = "keras", tflite: str | None
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         result.to_csv(out, index=False)
-        print(f"predicted {len(result) - skipped} of {len(result)} row(s) with {backend}"
-              + (f"; {skipped} skipped (reasons in the status column)" if skipped else "") + f": {out}")
+        print(
+            f"predicted {len(result) - skipped} of {len(result)} row(s) with {backend}"
+            + (f"; {skipped} skipped (reasons in the status column)" if skipped else "")
+            + f": {out}"
+        )
     return result
 
 
@@ -278,7 +298,7 @@ def _saved_model_runner(bundle: Path, inputs: list[str]):
         good, failed, outs = [], {}, []
         for j in range(n):
             try:
-                outs.append(call({k: v[j:j + 1] for k, v in feed.items()}))
+                outs.append(call({k: v[j : j + 1] for k, v in feed.items()}))
                 good.append(j)
             except tf.errors.OpError as err:
                 failed[j] = decode_error_message(err)

@@ -61,10 +61,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kfundus.errors import ConfigError, ExportError
 from kfundus.deploy.signatures import SIGNATURE_KEY, TENSOR_SIGNATURE_KEY, named_inputs
-from kfundus.deploy.tflite import (OPS_DOC, QUANTIZATIONS, TFLITE_FILES, check_quantization, convert_tflite,
-                                   run_tflite, tflite_ops)
+from kfundus.deploy.tflite import (
+    OPS_DOC,
+    QUANTIZATIONS,
+    TFLITE_FILES,
+    check_quantization,
+    convert_tflite,
+    run_tflite,
+    tflite_ops,
+)
+from kfundus.errors import ConfigError, ExportError
 
 FORMATS = ("keras", "saved_model", "tflite")
 CALIBRATION_SAMPLES = 128
@@ -142,7 +149,7 @@ def float32_model(model):
     try:
         clone = keras.saving.deserialize_keras_object(float32_config)
         clone.set_weights(model.get_weights())
-    except Exception as err:  # noqa: BLE001 - re-raised with the fix
+    except Exception as err:
         raise ExportError(
             f"Could not rebuild mixed-precision model {model.name!r} in float32 for export "
             f"({type(err).__name__}: {err}). Register its custom layers with "
@@ -161,7 +168,7 @@ def _strip_mixed(obj):
         return obj
     if str(obj.get("class_name", "")).endswith("DTypePolicy"):
         return "float32" if str(obj["config"].get("name")).startswith("mixed_") else obj
-    mixed = lambda k, v: k == "dtype" and isinstance(v, str) and v.startswith("mixed_")  # noqa: E731
+    mixed = lambda k, v: k == "dtype" and isinstance(v, str) and v.startswith("mixed_")
     return {k: "float32" if mixed(k, v) else _strip_mixed(v) for k, v in obj.items()}
 
 
@@ -204,9 +211,12 @@ def _bytes_serving_fn(model, preprocess, labels=None):
         return tf.round(preprocess_image(contents, preprocess))
 
     def serve(inputs):
-        images = {name: tf.map_fn(one, inputs[f"{name}_bytes"],
-                                  fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32))
-                  for name in in_names}
+        images = {
+            name: tf.map_fn(
+                one, inputs[f"{name}_bytes"], fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32)
+            )
+            for name in in_names
+        }
         outputs = dict(tensor_fn(images))
         batch = tf.shape(images[in_names[0]])[0]
         for key, names in label_outputs.items():
@@ -240,8 +250,10 @@ def export_saved_model(model, path, *, preprocess=None, labels=None) -> Path:
     if size is not None:
         preprocess = preprocess or Preprocess(image_size=size)
         if preprocess.image_size != size:
-            raise ExportError(f"preprocess.image_size={preprocess.image_size} but model {model.name!r} takes "
-                              f"{size}x{size} images; export with the Preprocess the model was trained with.")
+            raise ExportError(
+                f"preprocess.image_size={preprocess.image_size} but model {model.name!r} takes "
+                f"{size}x{size} images; export with the Preprocess the model was trained with."
+            )
         serve_bytes, byte_specs = _bytes_serving_fn(model, preprocess, labels)
         archive.add_endpoint(SIGNATURE_KEY, serve_bytes, input_signature=[byte_specs])
     archive.add_endpoint(TENSOR_SIGNATURE_KEY, _serving_fn(model), input_signature=[_input_specs(model)])
@@ -353,22 +365,29 @@ def export_bundle(
             paths["saved_model"] = saved
         for variant in variants:
             paths[_tflite_key(variant)] = convert_tflite(
-                saved, out_dir / TFLITE_FILES[variant], quantization=variant, calibration=calibration)
-        report = _report(model, served, specs, out_shapes, labels, metadata, paths, variants,
-                         saved if saved.exists() else None)
+                saved, out_dir / TFLITE_FILES[variant], quantization=variant, calibration=calibration
+            )
+        report = _report(
+            model, served, specs, out_shapes, labels, metadata, paths, variants, saved if saved.exists() else None
+        )
         problems = []
         if check:
-            report["parity"], problems = _parity(model, served, specs, saved if saved.exists() else None,
-                                                 paths, variants, atol, sample_inputs)
+            report["parity"], problems = _parity(
+                model, served, specs, saved if saved.exists() else None, paths, variants, atol, sample_inputs
+            )
     paths["model_card"] = out_dir / "model_card.json"
     paths["model_card"].write_text(json.dumps(report, indent=2, default=str) + "\n")
     flex = {v: info["flex_ops"] for v, info in report.get("tflite", {}).items() if info["flex_ops"]}
     if check and flex:
-        problems.append(f"TFLite files use TF Select (Flex) ops {flex}; rewrite the layers that need "
-                        f"them with builtin ops (see {OPS_DOC}).")
+        problems.append(
+            f"TFLite files use TF Select (Flex) ops {flex}; rewrite the layers that need "
+            f"them with builtin ops (see {OPS_DOC})."
+        )
     if problems:
-        raise ExportError(f"Export to {out_dir} does not reproduce model {model.name!r}: "
-                          f"{' '.join(problems)} Details in {paths['model_card']}.")
+        raise ExportError(
+            f"Export to {out_dir} does not reproduce model {model.name!r}: "
+            f"{' '.join(problems)} Details in {paths['model_card']}."
+        )
     return paths
 
 
@@ -403,11 +422,8 @@ def _report(model, served, specs, out_shapes, labels, metadata, paths, variants,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model_name": model.name,
         "formats": {k: Path(v).name for k, v in paths.items() if k in FORMATS or k.startswith("tflite")},
-        "inputs": [
-            {"name": n, "shape": list(s.shape), "dtype": s.dtype.name} for n, s in specs.items()
-        ],
-        "outputs": [{"name": n, "shape": list(s), "dtype": "float32"}
-                    for n, s in out_shapes.items()],
+        "inputs": [{"name": n, "shape": list(s.shape), "dtype": s.dtype.name} for n, s in specs.items()],
+        "outputs": [{"name": n, "shape": list(s), "dtype": "float32"} for n, s in out_shapes.items()],
         "labels": dict(labels) if isinstance(labels, Mapping) else list(labels),
         "mixed_precision": served is not model,
         "versions": {
@@ -420,9 +436,14 @@ def _report(model, served, specs, out_shapes, labels, metadata, paths, variants,
     if saved is not None:
         loaded = tf.saved_model.load(str(saved)).signatures
         report["signatures"] = {
-            key: {"inputs": {k: f"{v.dtype.name}{v.shape.as_list()}" for k, v in fn.structured_input_signature[1].items()},
-                  "outputs": sorted(fn.structured_outputs)}
-            for key, fn in loaded.items()}
+            key: {
+                "inputs": {
+                    k: f"{v.dtype.name}{v.shape.as_list()}" for k, v in fn.structured_input_signature[1].items()
+                },
+                "outputs": sorted(fn.structured_outputs),
+            }
+            for key, fn in loaded.items()
+        }
     if variants:
         float32_size = paths["tflite"].stat().st_size if "tflite" in paths else None
         report["tflite"] = {}
@@ -430,9 +451,12 @@ def _report(model, served, specs, out_shapes, labels, metadata, paths, variants,
             path = paths[_tflite_key(variant)]
             ops = tflite_ops(path)
             report["tflite"][variant] = {
-                "file": path.name, "size_bytes": path.stat().st_size,
+                "file": path.name,
+                "size_bytes": path.stat().st_size,
                 "size_vs_float32": round(path.stat().st_size / float32_size, 4) if float32_size else None,
-                "ops": ops, "flex_ops": [op for op in ops if op.startswith("Flex")]}
+                "ops": ops,
+                "flex_ops": [op for op in ops if op.startswith("Flex")],
+            }
     clash = sorted(set(metadata or {}) & set(report))
     if clash:
         raise ExportError(f"metadata keys {clash} clash with the model card's own; rename them.")
@@ -458,12 +482,19 @@ def example_inputs(specs: Mapping[str, tf.TensorSpec], batch=3, seed=0) -> dict[
 def _parity(model, served, specs, saved, paths, variants, atol, sample_inputs=None) -> tuple[dict, list[str]]:
     """Max |export - Keras| per output on sample (or random) images, and what exceeds ``atol``
     (the SavedModel and float32 TFLite; quantized variants are only recorded)."""
-    inputs = example_inputs(specs) if sample_inputs is None else {
-        k: np.asarray(v, dtype="float32") for k, v in sample_inputs.items()}
+    inputs = (
+        example_inputs(specs)
+        if sample_inputs is None
+        else {k: np.asarray(v, dtype="float32") for k, v in sample_inputs.items()}
+    )
     tensors = {k: tf.constant(v) for k, v in inputs.items()}
     reference = {k: np.asarray(v) for k, v in _serving_fn(served)(tensors).items()}
-    parity = {"num_samples": int(len(next(iter(inputs.values())))), "atol": atol, "reference": "keras",
-              "inputs": "random uniform [0, 255]" if sample_inputs is None else "sample images"}
+    parity = {
+        "num_samples": int(len(next(iter(inputs.values())))),
+        "atol": atol,
+        "reference": "keras",
+        "inputs": "random uniform [0, 255]" if sample_inputs is None else "sample images",
+    }
     problems = []
     if served is not model:
         trained = {k: np.asarray(v) for k, v in _serving_fn(model)(tensors).items()}
@@ -486,4 +517,3 @@ def _max_diff(got: Mapping, want: Mapping) -> dict[str, float]:
     if set(got) != set(want):
         raise ExportError(f"Export outputs {sorted(got)} do not match Keras {sorted(want)}.")
     return {k: float(np.max(np.abs(got[k].astype("float64") - want[k]))) for k in want}
-

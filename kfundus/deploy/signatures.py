@@ -15,14 +15,11 @@ TENSOR_SIGNATURE_KEY = "serving_preprocessed"  # float32 images in the SavedMode
 def named_inputs(inputs, names: list[str], source) -> dict[str, np.ndarray]:
     if not isinstance(inputs, Mapping):
         if len(names) != 1:
-            raise ExportError(
-                f"{source} takes {len(names)} inputs {names}; pass a dict keyed by them."
-            )
+            raise ExportError(f"{source} takes {len(names)} inputs {names}; pass a dict keyed by them.")
         inputs = {names[0]: inputs}
     if set(inputs) != set(names):
         raise ExportError(
-            f"{source} takes inputs {sorted(names)} but got {sorted(inputs)}; "
-            f"pass a dict with exactly those keys."
+            f"{source} takes inputs {sorted(names)} but got {sorted(inputs)}; pass a dict with exactly those keys."
         )
     return {name: as_array(inputs[name]) for name in names}
 

@@ -32,14 +32,17 @@ from kfundus.deploy.signatures import SIGNATURE_KEY, TENSOR_SIGNATURE_KEY, named
 from kfundus.errors import ConfigError, ExportError
 
 QUANTIZATIONS = ("float32", "float16", "dynamic_int8", "int8")
-TFLITE_FILES = {"float32": "model.tflite", "float16": "model_float16.tflite",
-                "dynamic_int8": "model_dynamic_int8.tflite", "int8": "model_int8.tflite"}
+TFLITE_FILES = {
+    "float32": "model.tflite",
+    "float16": "model_float16.tflite",
+    "dynamic_int8": "model_dynamic_int8.tflite",
+    "int8": "model_int8.tflite",
+}
 ERROR_TAG = "KFUNDUS_EXPORT_ERROR "
 OPS_DOC = "https://ai.google.dev/edge/litert/models/ops_compatibility"
 
 
-def convert_tflite(saved_model_dir, out_path, *, quantization="float32", calibration=None,
-                   timeout=1800) -> Path:
+def convert_tflite(saved_model_dir, out_path, *, quantization="float32", calibration=None, timeout=1800) -> Path:
     """Convert a SavedModel to TFLite in a fresh Python process (builtin ops only).
 
     Runs ``python -m kfundus.cli.tflite_worker SAVED_MODEL OUT Q [CALIBRATION]``: the TFLite
@@ -87,23 +90,22 @@ def convert_tflite(saved_model_dir, out_path, *, quantization="float32", calibra
     if proc.returncode != 0:
         for line in proc.stderr.splitlines():
             if line.startswith(ERROR_TAG):
-                raise ExportError(json.loads(line[len(ERROR_TAG):])["message"])
+                raise ExportError(json.loads(line[len(ERROR_TAG) :])["message"])
         raise ExportError(
-            f"TFLite conversion of {saved_model_dir} failed (exit {proc.returncode}):\n"
-            f"{proc.stderr[-3000:]}"
+            f"TFLite conversion of {saved_model_dir} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
         )
     return out_path
 
 
 def check_quantization(quantization: str, calibration=None) -> None:
     if quantization not in QUANTIZATIONS:
-        raise ConfigError(
-            f"Unknown TFLite quantization {quantization!r}; choose one of {QUANTIZATIONS}."
-        )
+        raise ConfigError(f"Unknown TFLite quantization {quantization!r}; choose one of {QUANTIZATIONS}.")
     if quantization == "int8" and (calibration is None or len(calibration) == 0):
-        raise ConfigError("TFLite quantization 'int8' (full integer) needs calibration images: pass "
-                          "calibration={input_name: preprocessed training images} (kfundus export does, "
-                          "from the run's training split), or use 'float16' or 'dynamic_int8'.")
+        raise ConfigError(
+            "TFLite quantization 'int8' (full integer) needs calibration images: pass "
+            "calibration={input_name: preprocessed training images} (kfundus export does, "
+            "from the run's training split), or use 'float16' or 'dynamic_int8'."
+        )
 
 
 def _configure_quantization(converter, quantization: str, calibration=None) -> None:
@@ -118,7 +120,7 @@ def _configure_quantization(converter, quantization: str, calibration=None) -> N
 
         def representative():
             for i in range(count):
-                yield {name: values[i:i + 1] for name, values in calibration.items()}
+                yield {name: values[i : i + 1] for name, values in calibration.items()}
 
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = representative
@@ -146,7 +148,7 @@ def convert_here(saved_model_dir, out_path, quantization: str, calibration_file=
     _configure_quantization(converter, quantization, calibration)
     try:
         flatbuffer = converter.convert()
-    except Exception as err:  # noqa: BLE001 - ConverterError lives in a private module
+    except Exception as err:
         raise ExportError(_conversion_message(saved_model_dir, str(err))) from err
     Path(out_path).write_bytes(flatbuffer)
     return Path(out_path)

@@ -3,8 +3,17 @@ optimizer (``optimizers``), callbacks (``callbacks``) and distribution strategy
 (``distribute``). Workflows call it with a model builder and an Objective."""
 
 from kfundus.engine.callbacks import CHECKPOINT, HISTORY, best_so_far, make_callbacks, monitor_mode
-from kfundus.engine.training import FitResult, fit, quiet
 from kfundus.engine.optimizers import make_optimizer
+from kfundus.engine.training import FitResult, fit, quiet
 
-__all__ = ["CHECKPOINT", "HISTORY", "FitResult", "best_so_far", "fit", "make_callbacks", "make_optimizer",
-           "monitor_mode", "quiet"]
+__all__ = [
+    "CHECKPOINT",
+    "HISTORY",
+    "FitResult",
+    "best_so_far",
+    "fit",
+    "make_callbacks",
+    "make_optimizer",
+    "monitor_mode",
+    "quiet",
+]

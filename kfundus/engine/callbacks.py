@@ -52,14 +52,26 @@ def make_callbacks(run_dir, train, *, initial_value=None, backup: bool = True, t
         run_dir = Path(run_dir)
         threshold = initial_value if initial_value is not None else best_so_far(run_dir / HISTORY, train.monitor)
         callbacks += [
-            keras.callbacks.ModelCheckpoint(str(run_dir / CHECKPOINT), monitor=train.monitor, mode=mode,
-                                            save_best_only=True, save_weights_only=True,
-                                            initial_value_threshold=threshold),
+            keras.callbacks.ModelCheckpoint(
+                str(run_dir / CHECKPOINT),
+                monitor=train.monitor,
+                mode=mode,
+                save_best_only=True,
+                save_weights_only=True,
+                initial_value_threshold=threshold,
+            ),
             keras.callbacks.CSVLogger(str(run_dir / HISTORY), append=True),
         ]
         if tensorboard:
             callbacks.append(keras.callbacks.TensorBoard(str(run_dir / TENSORBOARD), write_graph=False))
     if train.early_stopping:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor=train.monitor, mode=mode, patience=train.early_stopping,
-                                                       baseline=initial_value, restore_best_weights=False))
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=train.monitor,
+                mode=mode,
+                patience=train.early_stopping,
+                baseline=initial_value,
+                restore_best_weights=False,
+            )
+        )
     return callbacks

@@ -43,8 +43,7 @@ DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
 def check_distribution(value, where: str = "distribution") -> str:
     """The config value, checked (ConfigError naming the key and the choices)."""
     if value not in DISTRIBUTIONS:
-        raise ConfigError(f"{where}={value!r}: use one of {list(DISTRIBUTIONS)} "
-                          "(e.g. --set distribution=mirrored)")
+        raise ConfigError(f"{where}={value!r}: use one of {list(DISTRIBUTIONS)} (e.g. --set distribution=mirrored)")
     return value
 
 
@@ -56,13 +55,17 @@ def tf_config() -> dict | None:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"TF_CONFIG is not valid JSON ({exc}); expected "
-                          '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": i}}') from exc
+        raise ConfigError(
+            f"TF_CONFIG is not valid JSON ({exc}); expected "
+            '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": i}}'
+        ) from exc
     workers = (value.get("cluster") or {}).get("worker") if isinstance(value, dict) else None
     task = value.get("task") if isinstance(value, dict) else None
     if not workers or not isinstance(task, dict) or "index" not in task:
-        raise ConfigError("TF_CONFIG needs cluster.worker (a list of host:port) and task.index (this "
-                          f"worker's position in it); got {raw}")
+        raise ConfigError(
+            "TF_CONFIG needs cluster.worker (a list of host:port) and task.index (this "
+            f"worker's position in it); got {raw}"
+        )
     return value
 
 
@@ -80,19 +83,22 @@ def make_strategy(distribution: str = "none", where: str = "distribution"):
     import keras
 
     if keras.backend.backend() != "tensorflow":
-        raise ConfigError(f"{where}={distribution!r} uses tf.distribute, which needs KERAS_BACKEND=tensorflow "
-                          f"(this process runs {keras.backend.backend()}); on JAX use keras.distribution."
-                          "DataParallel, see benchmarks/multiworker.py --backend jax")
+        raise ConfigError(
+            f"{where}={distribution!r} uses tf.distribute, which needs KERAS_BACKEND=tensorflow "
+            f"(this process runs {keras.backend.backend()}); on JAX use keras.distribution."
+            "DataParallel, see benchmarks/multiworker.py --backend jax"
+        )
     if distribution == "mirrored":
         # every GPU; without one, every logical CPU device (MirroredStrategy alone would take
         # just CPU:0; several logical CPUs exist only when configured, e.g. in the tests)
         gpus = tf.config.list_logical_devices("GPU")
-        return tf.distribute.MirroredStrategy(
-            None if gpus else [d.name for d in tf.config.list_logical_devices("CPU")])
+        return tf.distribute.MirroredStrategy(None if gpus else [d.name for d in tf.config.list_logical_devices("CPU")])
     if tf_config() is None:
-        raise ConfigError(f"{where}=multi_worker needs the TF_CONFIG environment variable on every host, e.g. "
-                          'TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-                          '"task": {"type": "worker", "index": 0}}\' (index 1 on the second host)')
+        raise ConfigError(
+            f"{where}=multi_worker needs the TF_CONFIG environment variable on every host, e.g. "
+            'TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+            '"task": {"type": "worker", "index": 0}}\' (index 1 on the second host)'
+        )
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     _patch_keras_symbolic_build()
     return strategy
@@ -127,8 +133,11 @@ def _patch_keras_symbolic_build() -> None:
         for _, _, it in iterator:
             batch = next(it)
             data_batch = tree.map_structure(
-                lambda v: strategy.experimental_local_results(v)[0]
-                if isinstance(v, tf.distribute.DistributedValues) else v, batch)
+                lambda v: (
+                    strategy.experimental_local_results(v)[0] if isinstance(v, tf.distribute.DistributedValues) else v
+                ),
+                batch,
+            )
             break
         with self.distribute_strategy.scope():
             self._symbolic_build(data_batch=data_batch)
@@ -157,8 +166,10 @@ def strategy_scope(distribution: str = "none", where: str = "distribution"):
     For ``none`` this is the default strategy's scope, a no-op."""
     strategy = make_strategy(distribution, where)
     if strategy.num_replicas_in_sync > 1:
-        print(f"{where}={distribution}: {strategy.num_replicas_in_sync} replicas "
-              f"({type(strategy).__name__}); batch_size is the global batch")
+        print(
+            f"{where}={distribution}: {strategy.num_replicas_in_sync} replicas "
+            f"({type(strategy).__name__}); batch_size is the global batch"
+        )
     with strategy.scope():
         yield strategy
 
@@ -167,8 +178,9 @@ def per_replica_batch(global_batch: int, replicas: int, where: str = "train.batc
     """``global_batch / replicas``; ConfigError unless it divides evenly (an uneven split
     gives the replicas different batch sizes and per-replica BN statistics of unequal size)."""
     if replicas < 1 or global_batch % replicas:
-        raise ConfigError(f"{where}={global_batch} does not split evenly over {replicas} replicas: "
-                          f"use a multiple of {replicas}")
+        raise ConfigError(
+            f"{where}={global_batch} does not split evenly over {replicas} replicas: use a multiple of {replicas}"
+        )
     return global_batch // replicas
 
 

@@ -17,7 +17,8 @@ def make_optimizer(train, steps_per_epoch: int):
     if train.schedule == "cosine":
         if warmup:
             lr = keras.optimizers.schedules.CosineDecay(
-                0.0, max(1, total - warmup), warmup_target=train.learning_rate, warmup_steps=warmup)
+                0.0, max(1, total - warmup), warmup_target=train.learning_rate, warmup_steps=warmup
+            )
         else:
             lr = keras.optimizers.schedules.CosineDecay(train.learning_rate, total)
     elif train.schedule == "constant":

@@ -83,10 +83,24 @@ def quiet() -> bool:
     return not sys.stdout.isatty()
 
 
-def fit(build, objective, train_data, val_data, train, *, run_dir=None, distribution: str = "none",
-        train_rows: int | None = None, val_rows: int | None = None, steps_per_epoch: int | None = None,
-        start_is_candidate: bool = False, evaluate_start: bool = False, callbacks=(), backup: bool = True,
-        tensorboard: bool = True) -> FitResult:
+def fit(
+    build,
+    objective,
+    train_data,
+    val_data,
+    train,
+    *,
+    run_dir=None,
+    distribution: str = "none",
+    train_rows: int | None = None,
+    val_rows: int | None = None,
+    steps_per_epoch: int | None = None,
+    start_is_candidate: bool = False,
+    evaluate_start: bool = False,
+    callbacks=(),
+    backup: bool = True,
+    tensorboard: bool = True,
+) -> FitResult:
     """Build, compile and fit a model; see the module docstring.
 
     Args:
@@ -118,8 +132,12 @@ def fit(build, objective, train_data, val_data, train, *, run_dir=None, distribu
     with reproducible(train.seed, train.deterministic), precision_policy(train.mixed_precision):
         with strategy_scope(distribution) as strategy:  # "none": the default strategy, a no-op
             model = build()
-            model.compile(optimizer=make_optimizer(train, steps), loss=objective.loss,
-                          loss_weights=objective.loss_weights, metrics=objective.metrics)
+            model.compile(
+                optimizer=make_optimizer(train, steps),
+                loss=objective.loss,
+                loss_weights=objective.loss_weights,
+                metrics=objective.metrics,
+            )
         replicas = strategy.num_replicas_in_sync
         if train_rows:
             train_data = drop_short_batch(train_data, train_rows, train.batch_size, replicas)
@@ -140,13 +158,20 @@ def fit(build, objective, train_data, val_data, train, *, run_dir=None, distribu
         checkpoint = run_dir / CHECKPOINT if run_dir is not None else None
         if checkpoint is not None and initial_value is not None and not checkpoint.exists():
             model.save_weights(checkpoint)  # the start is the best until an epoch beats it
-        all_callbacks = make_callbacks(run_dir, train, initial_value=initial_value, backup=backup,
-                                       tensorboard=tensorboard)
+        all_callbacks = make_callbacks(
+            run_dir, train, initial_value=initial_value, backup=backup, tensorboard=tensorboard
+        )
         all_callbacks += list(callbacks)
         warnings.filterwarnings("ignore", message=".*shuffle=True.*was passed")  # the datasets shuffle themselves
-        fitted = model.fit(train_data, validation_data=val_data, epochs=train.epochs,
-                           steps_per_epoch=train.steps_per_epoch, callbacks=all_callbacks,
-                           class_weight=objective.class_weight, verbose=2 if quiet() else 1)
+        fitted = model.fit(
+            train_data,
+            validation_data=val_data,
+            epochs=train.epochs,
+            steps_per_epoch=train.steps_per_epoch,
+            callbacks=all_callbacks,
+            class_weight=objective.class_weight,
+            verbose=2 if quiet() else 1,
+        )
 
     if run_dir is not None and (run_dir / HISTORY).exists():
         history = pd.read_csv(run_dir / HISTORY)

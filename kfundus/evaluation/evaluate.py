@@ -40,8 +40,10 @@ def select_rows(manifest: Manifest, run: RunFolder, split: str) -> tuple[Manifes
         raise ConfigError(f"--split {split}: run {run} has splits {sorted(set(splits['split']))} (or all)")
     new = int(assigned.isna().sum())
     if new:
-        print(f"note: {new} row(s) of the dataset are not in {run / 'splits.csv'} (added after training?); "
-              "they are left out")
+        print(
+            f"note: {new} row(s) of the dataset are not in {run / 'splits.csv'} (added after training?); "
+            "they are left out"
+        )
     return manifest.subset((assigned == split).to_numpy()), f"split '{split}' of the run"
 
 
@@ -76,8 +78,9 @@ def evaluate_run(run_dir, data_path=None, *, split="test", overrides=None, out_d
     if len(manifest) == 0:
         raise DataError(f"no rows to evaluate in {scope} of {data}")
     preprocess = Preprocess.from_config(config.data)
-    prepared = prepare(manifest, preprocess, cache_dir=config.data.cache_dir,
-                       skip_unreadable=config.data.skip_unreadable)
+    prepared = prepare(
+        manifest, preprocess, cache_dir=config.data.cache_dir, skip_unreadable=config.data.skip_unreadable
+    )
     manifest = prepared.manifest
     model = load_model(run.model_file)
     chosen = run.read_thresholds()
@@ -90,17 +93,34 @@ def evaluate_run(run_dir, data_path=None, *, split="test", overrides=None, out_d
     out = Path(out_dir or run.eval_dir(split))
     out.mkdir(parents=True, exist_ok=True)
     labels = manifest.labels
-    metrics = evaluate_predictions(y_true, y_prob, labels, manifest.task,
-                                   thresholds=None if manifest.task == "multiclass" else np.asarray(thresholds),
-                                   ordinal=labels == DR_GRADES)
+    metrics = evaluate_predictions(
+        y_true,
+        y_prob,
+        labels,
+        manifest.task,
+        thresholds=None if manifest.task == "multiclass" else np.asarray(thresholds),
+        ordinal=labels == DR_GRADES,
+    )
     if isinstance(outputs, dict) and len(outputs) > 1:  # a multi-task model: a report per head
         from kfundus.systems.dual_stream.objective import head_reports
 
         metrics["heads"] = head_reports(outputs, y_true, labels, manifest.task, config)
-    metrics = to_jsonable({"run": str(run), "model_file": str(run.model_file), "data": data, "split": split,
-                           "scope": scope, "rows": len(manifest), "skipped": len(prepared.skipped),
-                           "level": manifest.level, "kfundus_version": __version__, "evaluated": now(),
-                           "thresholds": dict(zip(labels, thresholds)), **metrics})
+    metrics = to_jsonable(
+        {
+            "run": str(run),
+            "model_file": str(run.model_file),
+            "data": data,
+            "split": split,
+            "scope": scope,
+            "rows": len(manifest),
+            "skipped": len(prepared.skipped),
+            "level": manifest.level,
+            "kfundus_version": __version__,
+            "evaluated": now(),
+            "thresholds": dict(zip(labels, thresholds)),
+            **metrics,
+        }
+    )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
     ids = _ids(manifest)
@@ -115,8 +135,14 @@ def evaluate_run(run_dir, data_path=None, *, split="test", overrides=None, out_d
         per_class_metrics(y_true, y_prob, labels, np.asarray(thresholds)).to_csv(out / "per_class.csv", index=False)
     plot_roc_curves(y_true, y_prob, labels, out / "roc.png", title=f"ROC, {scope}")
     plot_pr_curves(y_true, y_prob, labels, out / "pr.png", title=f"Precision-recall, {scope}")
-    plot_confusion_matrices(y_true, y_prob, labels, out / "confusion.png", manifest.task,
-                            thresholds=None if manifest.task == "multiclass" else np.asarray(thresholds))
+    plot_confusion_matrices(
+        y_true,
+        y_prob,
+        labels,
+        out / "confusion.png",
+        manifest.task,
+        thresholds=None if manifest.task == "multiclass" else np.asarray(thresholds),
+    )
     if labels == ODIR_LABELS and manifest.level == "patient":
         write_odir_submission(manifest.frame["patient_id"], y_prob, out / "odir_submission.csv")
     if gallery:
@@ -150,7 +176,9 @@ def gradcam_gallery(model, manifest: Manifest, y_prob, thresholds, preprocess, o
             hits = hits[np.argsort(-y_prob[hits, k])][:per_row]
             images = load_images(manifest.frame["image"].iloc[hits], preprocess)
             cams = explainer(images, k) if len(hits) else []
-            rows[name] = [(overlay(img, cam), f"{Path(manifest.frame['image'].iloc[i]).stem} p={y_prob[i, k]:.2f}")
-                          for i, img, cam in zip(hits, images, cams)]
+            rows[name] = [
+                (overlay(img, cam), f"{Path(manifest.frame['image'].iloc[i]).stem} p={y_prob[i, k]:.2f}")
+                for i, img, cam in zip(hits, images, cams)
+            ]
         files.append(plot_image_grid(rows, out / f"gallery_{label}.png", title=f"Grad-CAM, {label}"))
     return files

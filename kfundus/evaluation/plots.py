@@ -20,11 +20,11 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from kfundus.errors import DataError
 from kfundus.metrics import (
+    apply_thresholds,
     class_indices,
     indices_to_onehot,
     multilabel_arrays,
     thresholds_vector,
-    apply_thresholds,
 )
 
 _DPI = 120
@@ -54,8 +54,14 @@ def _place_legend(ax, handles, corner: str) -> None:
     if len(handles) <= 10:
         ax.legend(handles=handles, loc=corner, fontsize="small")
     else:
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0),
-                  fontsize="x-small", ncol=1 + len(handles) // 25, frameon=False)
+        ax.legend(
+            handles=handles,
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+            fontsize="x-small",
+            ncol=1 + len(handles) // 25,
+            frameon=False,
+        )
 
 
 def _curves(y_true, y_prob, labels, path, title, kind):
@@ -73,21 +79,27 @@ def _curves(y_true, y_prob, labels, path, title, kind):
             continue
         if kind == "roc":
             fpr, tpr, _ = roc_curve(y, p)
-            line, = ax.plot(fpr, tpr, **_style(k),
-                            label=f"{label} (AUROC {roc_auc_score(y, p):.3f}, n+={n_pos})")
+            (line,) = ax.plot(fpr, tpr, **_style(k), label=f"{label} (AUROC {roc_auc_score(y, p):.3f}, n+={n_pos})")
         else:
             precision, recall, _ = precision_recall_curve(y, p)
-            line, = ax.step(recall, precision, where="post", **_style(k),
-                            label=f"{label} (AP {average_precision_score(y, p):.3f}, n+={n_pos})")
+            (line,) = ax.step(
+                recall,
+                precision,
+                where="post",
+                **_style(k),
+                label=f"{label} (AP {average_precision_score(y, p):.3f}, n+={n_pos})",
+            )
         handles.append(line)
     if kind == "roc":
         handles.append(ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")[0])
-        ax.set(xlabel="False positive rate (1 - specificity)",
-               ylabel="True positive rate (sensitivity)")
+        ax.set(xlabel="False positive rate (1 - specificity)", ylabel="True positive rate (sensitivity)")
     else:
         ax.set(xlabel="Recall (sensitivity)", ylabel="Precision")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.02),
-           title=title or ("ROC curves" if kind == "roc" else "Precision-recall curves"))
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.02),
+        title=title or ("ROC curves" if kind == "roc" else "Precision-recall curves"),
+    )
     ax.grid(alpha=0.3)
     _place_legend(ax, handles, "lower right" if kind == "roc" else "best")
     return save_figure(fig, path)
@@ -136,9 +148,15 @@ def _draw_matrix(ax, counts, colour, tick_labels, title, cmap="Blues"):
     n = counts.shape[0]
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(int(counts[i, j])), ha="center", va="center",
-                    fontsize="small" if n > 6 else "medium",
-                    color="white" if colour[i, j] > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                str(int(counts[i, j])),
+                ha="center",
+                va="center",
+                fontsize="small" if n > 6 else "medium",
+                color="white" if colour[i, j] > 0.6 else "black",
+            )
     ax.set_xticks(range(n), tick_labels, rotation=45 if n > 2 else 0, ha="right" if n > 2 else "center")
     ax.set_yticks(range(n), tick_labels)
     ax.set(xlabel="predicted", ylabel="true", title=title)
@@ -181,8 +199,13 @@ def plot_confusion_matrices(y_true, y_prob, labels, path, task, thresholds=None)
         side = max(4.5, 0.6 * k + 2.0)
         fig = new_figure(side + 1.0, side)
         ax = fig.add_subplot()
-        image = _draw_matrix(ax, counts, _row_normalised(counts), [str(x) for x in labels],
-                             f"Confusion matrix (n={y.size}, accuracy {np.trace(counts) / max(y.size, 1):.3f})")
+        image = _draw_matrix(
+            ax,
+            counts,
+            _row_normalised(counts),
+            [str(x) for x in labels],
+            f"Confusion matrix (n={y.size}, accuracy {np.trace(counts) / max(y.size, 1):.3f})",
+        )
         fig.colorbar(image, ax=ax, label="fraction of the true class")
         return save_figure(fig, path)
     if task not in ("multilabel", "binary"):
@@ -192,8 +215,9 @@ def plot_confusion_matrices(y_true, y_prob, labels, path, task, thresholds=None)
         y_prob = y_prob[:, 1] if y_prob.ndim == 2 and y_prob.shape[1] == 2 else y_prob
         y_true = y_true[:, 1] if y_true.ndim == 2 and y_true.shape[1] == 2 else y_true
         labels = list(labels)[-1:]
-    y_true, y_prob = multilabel_arrays(np.reshape(y_true, (len(y_true), -1)),
-                                        np.reshape(y_prob, (len(y_prob), -1)), labels)
+    y_true, y_prob = multilabel_arrays(
+        np.reshape(y_true, (len(y_true), -1)), np.reshape(y_prob, (len(y_prob), -1)), labels
+    )
     thresholds = thresholds_vector(thresholds, y_prob.shape[1])
     pred = apply_thresholds(y_prob, thresholds)
     n = len(labels)
@@ -204,8 +228,7 @@ def plot_confusion_matrices(y_true, y_prob, labels, path, task, thresholds=None)
         ax = fig.add_subplot(nrows, ncols, k + 1)
         counts = np.zeros((2, 2), dtype=int)
         np.add.at(counts, (y_true[:, k], pred[:, k]), 1)
-        _draw_matrix(ax, counts, _row_normalised(counts), ["neg", "pos"],
-                     f"{label} (t={thresholds[k]:.2f})")
+        _draw_matrix(ax, counts, _row_normalised(counts), ["neg", "pos"], f"{label} (t={thresholds[k]:.2f})")
     fig.suptitle("Confusion matrices per class (rows: true, colour: row fraction)")
     fig.tight_layout()
     return save_figure(fig, path)
@@ -266,8 +289,14 @@ def plot_training_curves(history_csv, path) -> Path:
         val = table.get(f"val_{metric}")
         if val is not None and val.notna().any():
             best = val.idxmin() if _lower_is_better(metric) else val.idxmax()
-            ax.plot(epochs[table.index.get_loc(best)], val[best], "*", color="black",
-                    markersize=10, label=f"best {val[best]:.4g}")
+            ax.plot(
+                epochs[table.index.get_loc(best)],
+                val[best],
+                "*",
+                color="black",
+                markersize=10,
+                label=f"best {val[best]:.4g}",
+            )
         values = table[name].to_numpy()
         if metric in ("learning_rate", "lr") and np.nanmin(values) > 0:
             ax.set_yscale("log")
@@ -329,8 +358,15 @@ def plot_protocol_comparison(summary: pd.DataFrame, metrics, path, names=None) -
         for k, protocol in enumerate(protocols):
             part = summary[summary["protocol"] == protocol].set_index("backbone").reindex(backbones)
             x = np.arange(len(backbones)) + (k - (len(protocols) - 1) / 2) * 0.18
-            ax.errorbar(x, part[f"{metric}_mean"], yerr=part[f"{metric}_std"], fmt="o", capsize=3,
-                        color=f"C{k}", label=names.get(protocol, protocol))
+            ax.errorbar(
+                x,
+                part[f"{metric}_mean"],
+                yerr=part[f"{metric}_std"],
+                fmt="o",
+                capsize=3,
+                color=f"C{k}",
+                label=names.get(protocol, protocol),
+            )
         ax.set_xticks(range(len(backbones)), backbones, rotation=20, fontsize=8)
         ax.set_xlim(-0.6, len(backbones) - 0.4)
         ax.set_title(metric)

@@ -19,15 +19,23 @@ def write_html(out: Path, metrics: dict) -> None:
     odir = metrics.get("odir")
     odir_html = ""
     if odir:
-        odir_html = ("<h2>Official ODIR score (pooled over patients x labels, threshold 0.5)</h2><p>"
-                     + ", ".join(f"{k} = {_fmt(v)}" for k, v in odir.items()) + "</p>")
+        odir_html = (
+            "<h2>Official ODIR score (pooled over patients x labels, threshold 0.5)</h2><p>"
+            + ", ".join(f"{k} = {_fmt(v)}" for k, v in odir.items())
+            + "</p>"
+        )
     names = ["roc.png", "pr.png", "confusion.png"] + sorted(p.name for p in out.glob("gallery_*.png"))
-    images = "".join(f'<figure><img src="{name}" width="600"><figcaption>{name}</figcaption></figure>'
-                     for name in names if (out / name).exists())
-    page = (f"<html><head><meta charset='utf-8'><title>kfundus evaluation</title></head><body>"
-            f"<h1>kfundus evaluation</h1><table>{rows}</table>{odir_html}<h2>Per class</h2>{table}{images}"
-            f"<p>All figures: metrics.json. Macro means exclude classes without both positives and negatives "
-            f"in this set.</p></body></html>")
+    images = "".join(
+        f'<figure><img src="{name}" width="600"><figcaption>{name}</figcaption></figure>'
+        for name in names
+        if (out / name).exists()
+    )
+    page = (
+        f"<html><head><meta charset='utf-8'><title>kfundus evaluation</title></head><body>"
+        f"<h1>kfundus evaluation</h1><table>{rows}</table>{odir_html}<h2>Per class</h2>{table}{images}"
+        f"<p>All figures: metrics.json. Macro means exclude classes without both positives and negatives "
+        f"in this set.</p></body></html>"
+    )
     (out / "report.html").write_text(page)
 
 
@@ -37,6 +45,7 @@ def _fmt(value) -> str:
 
 def markdown_table(table: pd.DataFrame) -> str:
     """A DataFrame as a Markdown table (floats to 4 decimals, None as empty)."""
+
     def fmt(v):
         return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
 

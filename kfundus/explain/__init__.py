@@ -4,5 +4,14 @@ and how well the maps fall on lesions (``saliency``)."""
 from kfundus.explain.cam import GradCAM, TokenGradCAM, gradcam, load_images, overlay, save_overlays
 from kfundus.explain.saliency import localisation, localisation_report, randomisation_check
 
-__all__ = ["GradCAM", "TokenGradCAM", "gradcam", "load_images", "localisation", "localisation_report", "overlay",
-           "randomisation_check", "save_overlays"]
+__all__ = [
+    "GradCAM",
+    "TokenGradCAM",
+    "gradcam",
+    "load_images",
+    "localisation",
+    "localisation_report",
+    "overlay",
+    "randomisation_check",
+    "save_overlays",
+]

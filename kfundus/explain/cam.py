@@ -65,8 +65,10 @@ def find_target_layer(model: keras.Model, layer: str | None = None):
         found = _last_4d_layer(model) if layer is None else model.get_layer(layer)
         inner = _last_4d_layer(found) if isinstance(found, keras.Model) else found
         if inner is None:
-            raise ConfigError(f"model {model.name} has no layer with a 4-D output where Grad-CAM looked "
-                              f"({(found or model).name}): it needs a CNN, or name its layer")
+            raise ConfigError(
+                f"model {model.name} has no layer with a 4-D output where Grad-CAM looked "
+                f"({(found or model).name}): it needs a CNN, or name its layer"
+            )
         return (found if inner is not found else None), inner
     if "/" in layer:
         outer, layer = layer.split("/", 1)
@@ -76,8 +78,10 @@ def find_target_layer(model: keras.Model, layer: str | None = None):
     for backbone in nested:
         if layer in [x.name for x in backbone.layers]:
             return backbone, backbone.get_layer(layer)
-    raise ConfigError(f"layer {layer!r} is not in model {model.name} nor in its nested models "
-                      f"{[m.name for m in nested]}; the model's layers are {names}")
+    raise ConfigError(
+        f"layer {layer!r} is not in model {model.name} nor in its nested models "
+        f"{[m.name for m in nested]}; the model's layers are {names}"
+    )
 
 
 def _logits_tensor(model: keras.Model):
@@ -104,8 +108,10 @@ class GradCAM:
 
     def __init__(self, model: keras.Model, layer: str | None = None):
         if len(model.inputs) != 1:
-            raise ConfigError(f"model {model.name} has inputs {[t.name for t in model.inputs]}: two-eye "
-                              "models are not supported by Grad-CAM yet; explain a single-eye model")
+            raise ConfigError(
+                f"model {model.name} has inputs {[t.name for t in model.inputs]}: two-eye "
+                "models are not supported by Grad-CAM yet; explain a single-eye model"
+            )
         self.model = model
         self.backbone, self.layer = find_target_layer(model, layer)
         logits = _logits_tensor(model)
@@ -121,8 +127,10 @@ class GradCAM:
         """inputs -> (inner activation, logits) through a backbone nested as one layer."""
         nodes = backbone._inbound_nodes
         if len(nodes) != 1:
-            raise ConfigError(f"the backbone {backbone.name} is called {len(nodes)} times in {model.name} "
-                              "(a shared two-eye backbone?): Grad-CAM needs one call")
+            raise ConfigError(
+                f"the backbone {backbone.name} is called {len(nodes)} times in {model.name} "
+                "(a shared two-eye backbone?): Grad-CAM needs one call"
+            )
         (call_input,), (call_output,) = nodes[0].input_tensors, nodes[0].output_tensors
         inner = keras.Model(backbone.inputs[0], [layer.output, backbone.outputs[0]])
         head = keras.Model(call_output, logits)
@@ -153,23 +161,30 @@ class GradCAM:
         images = images[None] if images.ndim == 3 else images
         expected = tuple(self.model.inputs[0].shape[1:])
         if images.ndim != 4 or any(e is not None and e != g for e, g in zip(expected, images.shape[1:])):
-            raise ConfigError(f"images of shape {images.shape[1:]} given to model {self.model.name}, "
-                              f"which takes {expected}: preprocess them to its image size")
+            raise ConfigError(
+                f"images of shape {images.shape[1:]} given to model {self.model.name}, "
+                f"which takes {expected}: preprocess them to its image size"
+            )
         return images
 
     def __call__(self, images, class_index, *, batch_size: int = 32) -> np.ndarray:
         images = self._batch(images)
         classes = np.broadcast_to(np.asarray(class_index, dtype=np.int32), (len(images),))
         if ((classes < 0) | (classes >= self.num_classes)).any():
-            raise ConfigError(f"class index out of range in {sorted(set(classes.tolist()))}: model "
-                              f"{self.model.name} has {self.num_classes} outputs")
+            raise ConfigError(
+                f"class index out of range in {sorted(set(classes.tolist()))}: model "
+                f"{self.model.name} has {self.num_classes} outputs"
+            )
         if self._step is None:  # one trace for every batch size and class list
             spec = tf.TensorSpec([None, *self.model.inputs[0].shape[1:]], tf.float32)
             # (a partial, so that TF's retracing detector counts each explainer apart)
-            self._step = tf.function(functools.partial(GradCAM._compute, self),
-                                     input_signature=[spec, tf.TensorSpec([None], tf.int32)])
-        out = [self._step(images[i:i + batch_size], tf.constant(classes[i:i + batch_size]))
-               for i in range(0, len(images), batch_size)]
+            self._step = tf.function(
+                functools.partial(GradCAM._compute, self), input_signature=[spec, tf.TensorSpec([None], tf.int32)]
+            )
+        out = [
+            self._step(images[i : i + batch_size], tf.constant(classes[i : i + batch_size]))
+            for i in range(0, len(images), batch_size)
+        ]
         return np.concatenate([o.numpy() for o in out]) if out else np.zeros((0,) + images.shape[1:3], np.float32)
 
     def predict(self, images) -> np.ndarray:
@@ -177,8 +192,7 @@ class GradCAM:
         return np.asarray(self.model(self._batch(images), training=False), dtype=np.float32)
 
 
-def gradcam(model: keras.Model, images, class_index, *, layer: str | None = None,
-            batch_size: int = 32) -> np.ndarray:
+def gradcam(model: keras.Model, images, class_index, *, layer: str | None = None, batch_size: int = 32) -> np.ndarray:
     """Grad-CAM maps of ``model`` for one class per image.
 
     Args:
@@ -239,17 +253,24 @@ class TokenGradCAM(GradCAM):
 
     def __init__(self, model: keras.Model, layer: str | None = None):
         if len(model.inputs) != 1:
-            raise ConfigError(f"model {model.name} has inputs {[t.name for t in model.inputs]}: two-eye "
-                              "models are not supported by Grad-CAM yet; explain a single-eye model")
+            raise ConfigError(
+                f"model {model.name} has inputs {[t.name for t in model.inputs]}: two-eye "
+                "models are not supported by Grad-CAM yet; explain a single-eye model"
+            )
         encoder = _token_encoder(model)
         if encoder is None:
             raise ConfigError(f"model {model.name} has no nested transformer encoder")
         if layer is not None:
-            raise ConfigError("choosing the layer is not supported for transformer encoders (the input of "
-                              "the last transformer block is used)")
+            raise ConfigError(
+                "choosing the layer is not supported for transformer encoders (the input of "
+                "the last transformer block is used)"
+            )
         self.model, self.backbone = model, encoder
-        blocks = [x for x in encoder.layers
-                  if any(isinstance(s, keras.layers.MultiHeadAttention) for s in x._flatten_layers())]
+        blocks = [
+            x
+            for x in encoder.layers
+            if any(isinstance(s, keras.layers.MultiHeadAttention) for s in x._flatten_layers())
+        ]
         self.layer = blocks[0]
         tokens = keras.tree.flatten(self.layer.input)[0]
         names = [x.name for x in model.layers]
@@ -257,8 +278,10 @@ class TokenGradCAM(GradCAM):
         self.num_classes = int(logits.shape[-1])
         nodes = encoder._inbound_nodes
         if len(nodes) != 1:
-            raise ConfigError(f"the encoder {encoder.name} is called {len(nodes)} times in {model.name}: "
-                              "Grad-CAM needs a single-eye model")
+            raise ConfigError(
+                f"the encoder {encoder.name} is called {len(nodes)} times in {model.name}: "
+                "Grad-CAM needs a single-eye model"
+            )
         call_input = keras.tree.flatten(nodes[0].input_tensors)[0]
         call_output = keras.tree.flatten(nodes[0].output_tensors)[0]
         inner = keras.Model(encoder.inputs, [tokens, keras.tree.flatten(encoder.outputs)[0]])
@@ -272,8 +295,9 @@ class TokenGradCAM(GradCAM):
 
         self._forward = forward
         spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)
-        self._step = tf.function(functools.partial(TokenGradCAM._compute, self),
-                                 input_signature=[spec, tf.TensorSpec([None], tf.int32)])
+        self._step = tf.function(
+            functools.partial(TokenGradCAM._compute, self), input_signature=[spec, tf.TensorSpec([None], tf.int32)]
+        )
 
     def _compute(self, images, classes):
         images = tf.convert_to_tensor(images, tf.float32)
@@ -376,9 +400,20 @@ def _output_names(paths) -> list[str]:
     return [_safe(f"{Path(p).parent.name}_{s}" if s in dupes else s) for p, s in zip(paths, stems)]
 
 
-def save_overlays(model, image_paths, out_dir, *, labels, preprocess, classes="predicted",
-                  threshold=0.5, batch_size: int = 16, layer: str | None = None, alpha: float = 0.4,
-                  progress: bool = True) -> pd.DataFrame:
+def save_overlays(
+    model,
+    image_paths,
+    out_dir,
+    *,
+    labels,
+    preprocess,
+    classes="predicted",
+    threshold=0.5,
+    batch_size: int = 16,
+    layer: str | None = None,
+    alpha: float = 0.4,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Write one PNG per (image, class): the preprocessed image next to its Grad-CAM
     overlay, captioned ``"<label> p=0.93"``, named ``<stem>__<label>_<p>.png`` (e.g.
     ``123_left__G_0.93.png``; the parent folder prefixes stems that two images share).
@@ -412,10 +447,13 @@ def save_overlays(model, image_paths, out_dir, *, labels, preprocess, classes="p
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for start in tqdm(range(0, len(paths), batch_size), desc="Grad-CAM", unit="batch", disable=not progress):
-        images = load_images(paths[start:start + batch_size], preprocess)
+        images = load_images(paths[start : start + batch_size], preprocess)
         probs = explainer.predict(images)
-        pairs = [(i, int(c)) for i in range(len(images))
-                 for c in (chosen if chosen is not None else np.flatnonzero(probs[i] > thresholds))]
+        pairs = [
+            (i, int(c))
+            for i in range(len(images))
+            for c in (chosen if chosen is not None else np.flatnonzero(probs[i] > thresholds))
+        ]
         if not pairs:
             continue
         index = np.array([i for i, _ in pairs])

@@ -40,7 +40,7 @@ def _per_image(cams, masks, tolerance: int):
     if n == 0:
         return energy, area, np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)
     rows, cols = np.divmod(cams.reshape(n, -1).argmax(axis=1), w)
-    yy, xx = np.mgrid[-tolerance:tolerance + 1, -tolerance:tolerance + 1]
+    yy, xx = np.mgrid[-tolerance : tolerance + 1, -tolerance : tolerance + 1]
     near = yy**2 + xx**2 <= tolerance**2  # a disc of the tolerance's radius
     r, c = rows[:, None] + yy[near], cols[:, None] + xx[near]
     inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
@@ -70,23 +70,47 @@ def localisation(cams, masks, *, tolerance: int = 0) -> dict:
     energy, area, hits, empty = _per_image(cams, masks, tolerance)
     n = len(energy)
     e, a, p = (float(np.mean(v)) if n else float("nan") for v in (energy, area, hits))
-    return {"n": n, "energy_in_mask": e, "area_share": a, "ratio": e / a if n and a > 0 else float("nan"),
-            "pointing_game": p, "empty_maps": int(np.sum(empty)), "tolerance": tolerance}
+    return {
+        "n": n,
+        "energy_in_mask": e,
+        "area_share": a,
+        "ratio": e / a if n and a > 0 else float("nan"),
+        "pointing_game": p,
+        "empty_maps": int(np.sum(empty)),
+        "tolerance": tolerance,
+    }
 
 
 def _dataset_images(dataset_dir: Path) -> list[Path]:
     """The images of a synthetic dataset that have a mask file (ODIR or RFMiD layout)."""
+
     def mask_file(path):
         rel = path.relative_to(dataset_dir).parts
         return dataset_dir.joinpath("masks", *(rel[1:] if rel[0] == "images" else rel)).with_suffix(".npz")
 
-    return [p for p in sorted(dataset_dir.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES
-            and p.relative_to(dataset_dir).parts[0] != "masks" and mask_file(p).exists()]
+    return [
+        p
+        for p in sorted(dataset_dir.rglob("*"))
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.relative_to(dataset_dir).parts[0] != "masks"
+        and mask_file(p).exists()
+    ]
 
 
-def localisation_report(model, dataset_dir, labels, preprocess, *, classes=None, images=None,
-                        layer: str | None = None, tolerance: int = 0, threshold=0.5,
-                        batch_size: int = 16, progress: bool = False) -> pd.DataFrame:
+def localisation_report(
+    model,
+    dataset_dir,
+    labels,
+    preprocess,
+    *,
+    classes=None,
+    images=None,
+    layer: str | None = None,
+    tolerance: int = 0,
+    threshold=0.5,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> pd.DataFrame:
     """Localisation of a model's Grad-CAM maps on a synthetic dataset, per class.
 
     For each class, **every image that has the lesion** is explained for that class,
@@ -118,15 +142,21 @@ def localisation_report(model, dataset_dir, labels, preprocess, *, classes=None,
     classes = [c for c in labels if c != "N" and c not in WHOLE_FIELD_LABELS] if classes is None else list(classes)
     if set(classes) - set(labels):
         raise ConfigError(f"classes {sorted(set(classes) - set(labels))} are not among the model's labels {labels}")
-    paths = _dataset_images(dataset_dir) if images is None else [  # relative: to the dataset folder
-        Path(p) if Path(p).is_absolute() or Path(p).exists() else dataset_dir / p for p in images]
+    paths = (
+        _dataset_images(dataset_dir)
+        if images is None
+        else [  # relative: to the dataset folder
+            Path(p) if Path(p).is_absolute() or Path(p).exists() else dataset_dir / p for p in images
+        ]
+    )
     explainer = GradCAM(model, layer)
     thresholds = np.broadcast_to(np.asarray(threshold, dtype=float), (len(labels),))
     per_class = {c: [] for c in classes}
     for start in tqdm(range(0, len(paths), batch_size), desc="localisation", disable=not progress):
-        chunk = paths[start:start + batch_size]
-        pairs = [(i, c, m[c]) for i, p in enumerate(chunk) for m in [load_masks(dataset_dir, p)]
-                 for c in classes if c in m]
+        chunk = paths[start : start + batch_size]
+        pairs = [
+            (i, c, m[c]) for i, p in enumerate(chunk) for m in [load_masks(dataset_dir, p)] for c in classes if c in m
+        ]
         if not pairs:
             continue
         batch = load_images(chunk, preprocess)
@@ -138,11 +168,14 @@ def localisation_report(model, dataset_dir, labels, preprocess, *, classes=None,
             per_class[c].append((cam, aligned, probs[i, labels.index(c)] > thresholds[labels.index(c)]))
     rows = []
     for c in classes:
-        cams, masks, predicted = (np.stack(v) for v in zip(*per_class[c])) if per_class[c] else [np.zeros((0, 1, 1))] * 3
+        cams, masks, predicted = (
+            (np.stack(v) for v in zip(*per_class[c])) if per_class[c] else [np.zeros((0, 1, 1))] * 3
+        )
         summary = localisation(cams, masks, tolerance=tolerance)
         keys = ("energy_in_mask", "area_share", "ratio", "pointing_game", "empty_maps")
-        rows.append({"label": c, "images": summary["n"], "predicted": int(np.sum(predicted)),
-                     **{k: summary[k] for k in keys}})
+        rows.append(
+            {"label": c, "images": summary["n"], "predicted": int(np.sum(predicted)), **{k: summary[k] for k in keys}}
+        )
     return pd.DataFrame(rows)
 
 
@@ -150,8 +183,16 @@ def localisation_report(model, dataset_dir, labels, preprocess, *, classes=None,
 # Sanity check
 
 
-def randomisation_check(model, images, class_index, *, layer: str | None = None, repeats: int = 3,
-                        seed: int | None = None, batch_size: int = 32) -> dict:
+def randomisation_check(
+    model,
+    images,
+    class_index,
+    *,
+    layer: str | None = None,
+    repeats: int = 3,
+    seed: int | None = None,
+    batch_size: int = 32,
+) -> dict:
     """Model-randomisation test of Adebayo et al. (2018): Grad-CAM maps of the trained
     model against those of the same architecture with every weight re-initialised
     (``keras.models.clone_model`` draws fresh initial values; BatchNorm statistics
@@ -188,5 +229,9 @@ def randomisation_check(model, images, class_index, *, layer: str | None = None,
             if np.ptp(a) > 0 and np.ptp(b) > 0:
                 rho[r, i] = spearmanr(a.ravel(), b.ravel()).statistic
     defined = rho[np.isfinite(rho)]
-    return {"spearman": rho, "mean_spearman": float(defined.mean()) if defined.size else float("nan"),
-            "n_undefined": int(np.sum(~np.isfinite(rho))), "random_models": random_models}
+    return {
+        "spearman": rho,
+        "mean_spearman": float(defined.mean()) if defined.size else float("nan"),
+        "n_undefined": int(np.sum(~np.isfinite(rho))),
+        "random_models": random_models,
+    }

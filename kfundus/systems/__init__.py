@@ -21,8 +21,9 @@ from kfundus.objectives import default_objective
 from kfundus.systems import clip_lora, dual_stream, efficientnet, retclip
 from kfundus.systems.base import System, check_options
 
-SYSTEMS: dict[str, System] = {s.name: s for package in (efficientnet, clip_lora, dual_stream, retclip)
-                              for s in package.SYSTEMS}
+SYSTEMS: dict[str, System] = {
+    s.name: s for package in (efficientnet, clip_lora, dual_stream, retclip) for s in package.SYSTEMS
+}
 
 __all__ = ["SYSTEMS", "System", "build_model", "check_options", "get_system", "load_model", "make_objective"]
 
@@ -32,8 +33,10 @@ def get_system(name: str, workflow: str = "train") -> System:
     choices = sorted(n for n, s in SYSTEMS.items() if s.workflow == workflow)
     if name not in SYSTEMS or SYSTEMS[name].workflow != workflow:
         hint = f" ({name} is trained by `kfundus {SYSTEMS[name].workflow}`)" if name in SYSTEMS else ""
-        raise ConfigError(f"model.name={name!r} is not a model `kfundus {workflow}` trains{hint}; "
-                          f"available: {choices} (e.g. --set model.name={choices[0]})")
+        raise ConfigError(
+            f"model.name={name!r} is not a model `kfundus {workflow}` trains{hint}; "
+            f"available: {choices} (e.g. --set model.name={choices[0]})"
+        )
     return SYSTEMS[name]
 
 

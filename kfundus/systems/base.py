@@ -45,8 +45,9 @@ def check_options(fn, options: dict, where: str, skip=COMMON_ARGUMENTS) -> None:
     """Raise a ConfigError naming ``where`` if ``options`` has keys ``fn`` does not take (or
     keys the ModelConfig fields already set), listing the valid ones."""
     params = inspect.signature(fn).parameters
-    valid = sorted(n for n, p in params.items()
-                   if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in skip)
+    valid = sorted(
+        n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in skip
+    )
     first = next(iter(params))
     valid = [n for n in valid if n != first or params[first].kind == inspect.Parameter.KEYWORD_ONLY]
     unknown = sorted(set(options) - set(valid))

@@ -55,8 +55,12 @@ def load_pairs_dataset(config: Config, data_path=None):
 def prepare_pairs(config: Config, manifest):
     from kfundus.data.pipeline import Preprocess, prepare
 
-    return prepare(manifest, Preprocess.from_config(config.data), cache_dir=config.data.cache_dir,
-                   skip_unreadable=config.data.skip_unreadable)
+    return prepare(
+        manifest,
+        Preprocess.from_config(config.data),
+        cache_dir=config.data.cache_dir,
+        skip_unreadable=config.data.skip_unreadable,
+    )
 
 
 def _aligned(dataset):
@@ -100,39 +104,77 @@ def pretrain(config: Config, data_path=None, run_dir=None, overwrite: bool = Fal
     splits = split_patients(manifest, val=s.val, test=s.test, seed=s.seed, use_official=s.official)
     for name in ("train", "val"):
         if len(splits.get(name, [])) < 2:
-            raise DataError(f"the {name} split has {len(splits.get(name, []))} patient row(s) of {len(manifest)}: "
-                            "pre-training needs at least 2 in train and val (raise data.split.val, e.g. "
-                            "--set data.split.val=0.2, or give more patients)")
+            raise DataError(
+                f"the {name} split has {len(splits.get(name, []))} patient row(s) of {len(manifest)}: "
+                "pre-training needs at least 2 in train and val (raise data.split.val, e.g. "
+                "--set data.split.val=0.2, or give more patients)"
+            )
     prepared = {name: prepare_pairs(config, part) for name, part in splits.items()}
     run.write_splits(splits_table({name: p.manifest for name, p in prepared.items()}))
     print(", ".join(f"{name}: {len(p)} patients" for name, p in prepared.items()))
 
     train_reports = list(prepared["train"].manifest.frame["text"])
-    tokenizer = make_tokenizer(config.text.tokenizer, train_reports, vocabulary_size=config.text.vocabulary_size,
-                               lowercase=config.text.lowercase)
+    tokenizer = make_tokenizer(
+        config.text.tokenizer,
+        train_reports,
+        vocabulary_size=config.text.vocabulary_size,
+        lowercase=config.text.lowercase,
+    )
     save_tokenizer(tokenizer, run / "tokenizer")
     packer = TextPacker(tokenizer, config.text.sequence_length)
     t = config.train
     n_train, n_val = len(prepared["train"]), len(prepared["val"])
     # full batches only (a last batch of 2 would be a near-trivial contrastive task)
-    train_ds = _aligned(make_pair_dataset(prepared["train"], packer, t.batch_size, shuffle=True, seed=t.seed,
-                                          flip=config.data.flip, drop_remainder=n_train >= t.batch_size,
-                                          augment=config.data.augment))
+    train_ds = _aligned(
+        make_pair_dataset(
+            prepared["train"],
+            packer,
+            t.batch_size,
+            shuffle=True,
+            seed=t.seed,
+            flip=config.data.flip,
+            drop_remainder=n_train >= t.batch_size,
+            augment=config.data.augment,
+        )
+    )
     val_ds = _aligned(make_pair_dataset(prepared["val"], packer, t.batch_size))
-    run.write_info({
-        "name": config.name, "workflow": "pretrain", "model": config.model.name, "labels": list(manifest.labels),
-        "task": manifest.task, "level": "patient", "image_size": config.data.image_size,
-        "crop_fundus": config.data.crop_fundus, "sequence_length": config.text.sequence_length,
-        "vocabulary_size": int(tokenizer.vocabulary_size()), "source": config.data.source,
-        "data_path": str(config.data.path), "data_root": data_root(config.data.path),
-        "counts": {n: {"rows": len(p)} for n, p in prepared.items()}, "started": now()})
+    run.write_info(
+        {
+            "name": config.name,
+            "workflow": "pretrain",
+            "model": config.model.name,
+            "labels": list(manifest.labels),
+            "task": manifest.task,
+            "level": "patient",
+            "image_size": config.data.image_size,
+            "crop_fundus": config.data.crop_fundus,
+            "sequence_length": config.text.sequence_length,
+            "vocabulary_size": int(tokenizer.vocabulary_size()),
+            "source": config.data.source,
+            "data_path": str(config.data.path),
+            "data_root": data_root(config.data.path),
+            "counts": {n: {"rows": len(p)} for n, p in prepared.items()},
+            "started": now(),
+        }
+    )
     result = fit(
-        lambda: system.build(image_size=config.data.image_size, vocabulary_size=int(tokenizer.vocabulary_size()),
-                             sequence_length=config.text.sequence_length, vision_weights=config.model.weights,
-                             **config.model.options),
-        system.objective(config), train_ds, val_ds, t, run_dir=run.path, distribution=config.distribution,
-        train_rows=n_train if n_train < t.batch_size else None, val_rows=n_val,
-        steps_per_epoch=t.steps_per_epoch or max(1, n_train // t.batch_size))
+        lambda: system.build(
+            image_size=config.data.image_size,
+            vocabulary_size=int(tokenizer.vocabulary_size()),
+            sequence_length=config.text.sequence_length,
+            vision_weights=config.model.weights,
+            **config.model.options,
+        ),
+        system.objective(config),
+        train_ds,
+        val_ds,
+        t,
+        run_dir=run.path,
+        distribution=config.distribution,
+        train_rows=n_train if n_train < t.batch_size else None,
+        val_rows=n_val,
+        steps_per_epoch=t.steps_per_epoch or max(1, n_train // t.batch_size),
+    )
     model = result.model
     model.save(run.model_file)
     save_vision_preset(model, run / "vision_encoder")
@@ -176,10 +218,12 @@ def embed_pairs(model, packer, prepared, batch_size: int = 32) -> dict[str, np.n
     towers = embedding_models(model)
     out: dict[str, list] = {}
     for batch in make_pair_dataset(prepared, packer, batch_size):
-        parts = {**towers["image"]([batch["left_image"], batch["right_image"]], training=False),
-                 **towers["text"]([batch["token_ids"], batch["padding_mask"]], training=False),
-                 "f_left": towers["features"](batch["left_image"], training=False),
-                 "f_right": towers["features"](batch["right_image"], training=False)}
+        parts = {
+            **towers["image"]([batch["left_image"], batch["right_image"]], training=False),
+            **towers["text"]([batch["token_ids"], batch["padding_mask"]], training=False),
+            "f_left": towers["features"](batch["left_image"], training=False),
+            "f_right": towers["features"](batch["right_image"], training=False),
+        }
         for key, value in parts.items():
             out.setdefault(key, []).append(np.asarray(value))
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -291,16 +335,20 @@ def evaluate_pretrained(run_dir, data_path=None, splits=("val", "test")) -> dict
 
 
 def _markdown(metrics: dict) -> str:
-    lines = ["| split | patients | R@1 i→t | R@5 i→t | R@1 t→i | R@5 t→i | chance R@1 | zero-shot macro AUROC |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| split | patients | R@1 i→t | R@5 i→t | R@1 t→i | R@5 t→i | chance R@1 | zero-shot macro AUROC |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for split, m in metrics.items():
         r = m["retrieval"]
 
-        def f(key):
+        def f(key, r=r):
             return f"{r[key]:.3f}" if key in r else "-"
 
         zs = m.get("zero_shot", {}).get("macro_auroc")
-        lines.append(f"| {split} | {r['n']} | {f('image_to_text_recall@1')} | {f('image_to_text_recall@5')} | "
-                     f"{f('text_to_image_recall@1')} | {f('text_to_image_recall@5')} | {f('chance@1')} | "
-                     f"{'-' if zs is None else f'{zs:.3f}'} |")
+        lines.append(
+            f"| {split} | {r['n']} | {f('image_to_text_recall@1')} | {f('image_to_text_recall@5')} | "
+            f"{f('text_to_image_recall@1')} | {f('text_to_image_recall@5')} | {f('chance@1')} | "
+            f"{'-' if zs is None else f'{zs:.3f}'} |"
+        )
     return "\n".join(lines) + "\n"

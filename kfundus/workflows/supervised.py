@@ -29,8 +29,10 @@ def make_splits(manifest: Manifest, config: Config) -> dict[str, Manifest]:
     splits = split_patients(manifest, val=s.val, test=s.test, seed=s.seed, use_official=s.official)
     for name in ("train", "val"):
         if name not in splits or len(splits[name]) == 0:
-            raise DataError(f"the {name} split is empty: set data.split fractions so it gets patients "
-                            "(e.g. --set data.split.val=0.2)")
+            raise DataError(
+                f"the {name} split is empty: set data.split fractions so it gets patients "
+                "(e.g. --set data.split.val=0.2)"
+            )
     empty = [c for c in manifest.labels if splits["train"].frame[c].sum() == 0]
     if empty:
         raise DataError(
@@ -59,8 +61,9 @@ def data_root(path) -> str:
     return str(path if path.is_dir() else path.parent)
 
 
-def train(config: Config, data_path: str | None = None, run_dir: str | Path | None = None,
-          overwrite: bool = False) -> Path:
+def train(
+    config: Config, data_path: str | None = None, run_dir: str | Path | None = None, overwrite: bool = False
+) -> Path:
     """Train the model a config describes; return the run folder."""
     import keras
 
@@ -80,42 +83,69 @@ def train(config: Config, data_path: str | None = None, run_dir: str | Path | No
     keras.utils.set_random_seed(config.train.seed)
     splits = make_splits(manifest, config)
     pre = Preprocess.from_config(config.data)
-    prepared = {name: prepare(part, pre, cache_dir=config.data.cache_dir, skip_unreadable=config.data.skip_unreadable)
-                for name, part in splits.items() if len(part)}
+    prepared = {
+        name: prepare(part, pre, cache_dir=config.data.cache_dir, skip_unreadable=config.data.skip_unreadable)
+        for name, part in splits.items()
+        if len(part)
+    }
     run.write_splits(splits_table({name: p.manifest for name, p in prepared.items()}))
-    skipped = pd.concat([manifest.skipped.assign(split="")] + [p.skipped.assign(split=n) for n, p in prepared.items()],
-                        ignore_index=True)
+    skipped = pd.concat(
+        [manifest.skipped.assign(split="")] + [p.skipped.assign(split=n) for n, p in prepared.items()],
+        ignore_index=True,
+    )
     run.write_skipped(skipped)
     if len(skipped):
         print(f"skipped {len(skipped)} image(s): listed with the reason in {run / 'skipped.csv'}")
     save_samples(prepared["val"], run / SAMPLES)
 
     objective = make_objective(config, manifest, prepared["train"].manifest.targets())
-    run.write_info({
-        "name": config.name, "workflow": "train", "model": config.model.name, "labels": manifest.labels,
-        "task": manifest.task, "level": manifest.level, "primary_output": objective.primary,
-        "image_size": config.data.image_size, "data_path": str(config.data.path),
-        "data_root": data_root(config.data.path), "source": manifest.name,
-        "counts": {n: {"rows": len(p), "positives": p.manifest.counts()} for n, p in prepared.items()},
-        "skipped": len(skipped), "started": now()})
+    run.write_info(
+        {
+            "name": config.name,
+            "workflow": "train",
+            "model": config.model.name,
+            "labels": manifest.labels,
+            "task": manifest.task,
+            "level": manifest.level,
+            "primary_output": objective.primary,
+            "image_size": config.data.image_size,
+            "data_path": str(config.data.path),
+            "data_root": data_root(config.data.path),
+            "source": manifest.name,
+            "counts": {n: {"rows": len(p), "positives": p.manifest.counts()} for n, p in prepared.items()},
+            "skipped": len(skipped),
+            "started": now(),
+        }
+    )
     for name, p in prepared.items():
         print(f"{name}: {len(p)} {manifest.level} rows, positives {p.manifest.counts()}")
 
     t = config.train
     result = fit(
-        lambda: build_model(config.model, num_outputs=len(manifest.labels), image_size=config.data.image_size,
-                            task=manifest.task, two_eye=manifest.level == "patient"),
+        lambda: build_model(
+            config.model,
+            num_outputs=len(manifest.labels),
+            image_size=config.data.image_size,
+            task=manifest.task,
+            two_eye=manifest.level == "patient",
+        ),
         objective,
-        make_dataset(prepared["train"], batch_size=t.batch_size, training=True, augment=config.data.augment,
-                     seed=t.seed),
+        make_dataset(
+            prepared["train"], batch_size=t.batch_size, training=True, augment=config.data.augment, seed=t.seed
+        ),
         make_dataset(prepared["val"], batch_size=t.batch_size),
-        t, run_dir=run.path, distribution=config.distribution, train_rows=len(prepared["train"]),
-        val_rows=len(prepared["val"]))
+        t,
+        run_dir=run.path,
+        distribution=config.distribution,
+        train_rows=len(prepared["train"]),
+        val_rows=len(prepared["val"]),
+    )
     model = result.model
     model.save(run.model_file)
     val = prepared["val"]
-    thresholds = choose_thresholds(val.manifest.targets(), predict(model, val, t.batch_size, objective.primary),
-                                   method="youden")
+    thresholds = choose_thresholds(
+        val.manifest.targets(), predict(model, val, t.batch_size, objective.primary), method="youden"
+    )
     run.write_thresholds(manifest.labels, thresholds, objective.primary)
     run.update_info(finished=now(), epochs_trained=len(result.history), best_epoch=result.best_epoch)
     plot_training_curves(run / HISTORY, run / CURVES)

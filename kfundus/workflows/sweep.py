@@ -60,13 +60,14 @@ def cell_name(cell: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "-", "__".join(parts)) or "default"
 
 
-def run_sweep(config_path, grid: dict[str, list], *, data=None, overrides=None, out=None, split="test",
-              overwrite=False) -> pd.DataFrame:
+def run_sweep(
+    config_path, grid: dict[str, list], *, data=None, overrides=None, out=None, split="test", overwrite=False
+) -> pd.DataFrame:
     """Train + evaluate every cell; write and return the comparison table."""
     from kfundus.config import load_config
+    from kfundus.engine.callbacks import HISTORY, best_so_far
     from kfundus.evaluation import evaluate_run
     from kfundus.evaluation.report import markdown_table
-    from kfundus.engine.callbacks import HISTORY, best_so_far
     from kfundus.workflows.supervised import train
 
     overrides = list(overrides or [])
@@ -89,8 +90,11 @@ def run_sweep(config_path, grid: dict[str, list], *, data=None, overrides=None, 
         seconds = None
         if finished and not overwrite:
             print(f"(finished earlier: reusing {run_dir}; --overwrite trains it again)")
-            seconds = json.loads((run_dir / "sweep_cell.json").read_text()).get("train_seconds") \
-                if (run_dir / "sweep_cell.json").exists() else None
+            seconds = (
+                json.loads((run_dir / "sweep_cell.json").read_text()).get("train_seconds")
+                if (run_dir / "sweep_cell.json").exists()
+                else None
+            )
         else:
             train(config, data, run_dir, overwrite=overwrite)
             seconds = round(time.time() - start, 1)
@@ -115,8 +119,10 @@ def write_comparison(table: pd.DataFrame, out: Path, split: str) -> None:
     from kfundus.evaluation.report import markdown_table
 
     table.to_csv(out / "comparison.csv", index=False)
-    (out / "comparison.md").write_text(f"# Sweep: evaluation on split '{split}'\n\n{markdown_table(table)}\n\n"
-                                       "odir_*: the official ODIR score (pooled over patients x labels, "
-                                       "threshold 0.5); macro_auroc: mean of per-class AUROCs.\n")
+    (out / "comparison.md").write_text(
+        f"# Sweep: evaluation on split '{split}'\n\n{markdown_table(table)}\n\n"
+        "odir_*: the official ODIR score (pooled over patients x labels, "
+        "threshold 0.5); macro_auroc: mean of per-class AUROCs.\n"
+    )
     score = "odir_final" if "odir_final" in table else "macro_auroc"
     plot_bars(table["run"], table[score], out / "comparison.png", ylabel=score, title=f"sweep, split '{split}'")

@@ -74,21 +74,29 @@ def load_task(config: Config, data_path=None) -> Manifest:
         raise ConfigError("no dataset given: pass --data DIR (or set data.path)")
     manifest = load_source(d.source, path, **d.options)
     if manifest.level != "eye":
-        raise ConfigError(f"data.source={d.source}: transfer works on one image per row; read it at eye level "
-                          "(e.g. --set 'data.options={level: eye}')")
+        raise ConfigError(
+            f"data.source={d.source}: transfer works on one image per row; read it at eye level "
+            "(e.g. --set 'data.options={level: eye}')"
+        )
     if d.labels:
         if len(d.labels) != 1:
-            raise ConfigError(f"data.labels={d.labels}: the transfer study predicts one binary label; name one "
-                              f"(e.g. --set 'data.labels=[{d.labels[0]}]')")
+            raise ConfigError(
+                f"data.labels={d.labels}: the transfer study predicts one binary label; name one "
+                f"(e.g. --set 'data.labels=[{d.labels[0]}]')"
+            )
         manifest = select_labels(manifest, list(d.labels))
     elif len(manifest.labels) != 1:
-        raise ConfigError(f"data.labels: the dataset has labels {manifest.labels}; name the one to predict "
-                          f"(e.g. --set 'data.labels=[{manifest.labels[0]}]')")
+        raise ConfigError(
+            f"data.labels: the dataset has labels {manifest.labels}; name the one to predict "
+            f"(e.g. --set 'data.labels=[{manifest.labels[0]}]')"
+        )
     manifest = manifest.with_labels(manifest.labels, task="binary")
     counts = manifest.frame[manifest.labels[0]].value_counts()
     if len(counts) < 2 or counts.min() < config.transfer.folds:
-        raise DataError(f"label {manifest.labels[0]!r} of {path}: {counts.to_dict()} rows per class; k-fold with "
-                        f"transfer.folds={config.transfer.folds} needs at least that many of each class")
+        raise DataError(
+            f"label {manifest.labels[0]!r} of {path}: {counts.to_dict()} rows per class; k-fold with "
+            f"transfer.folds={config.transfer.folds} needs at least that many of each class"
+        )
     return manifest
 
 
@@ -116,8 +124,13 @@ def make_folds(manifest: Manifest, config: Config) -> list[dict]:
         parts = split_patients(train_part, val=s.val, test=0.0, seed=s.seed + i, use_official=False)
         if "val" not in parts:
             raise DataError(f"fold {i}: too few patients for a validation part of data.split.val={s.val}")
-        folds.append({"train": parts["train"].frame["_pos"].to_numpy(), "val": parts["val"].frame["_pos"].to_numpy(),
-                      "test": test_part.frame["_pos"].to_numpy()})
+        folds.append(
+            {
+                "train": parts["train"].frame["_pos"].to_numpy(),
+                "val": parts["val"].frame["_pos"].to_numpy(),
+                "test": test_part.frame["_pos"].to_numpy(),
+            }
+        )
     return folds
 
 
@@ -157,12 +170,28 @@ def _spec_key(spec: BackboneSpec, seed: int) -> dict:
     return key
 
 
-def extract_features(spec: BackboneSpec, manifest: Manifest, images: np.ndarray, pre: Preprocess, *,
-                     seed: int = 0, cache_dir=None, batch_size: int = 64) -> np.ndarray:
+def extract_features(
+    spec: BackboneSpec,
+    manifest: Manifest,
+    images: np.ndarray,
+    pre: Preprocess,
+    *,
+    seed: int = 0,
+    cache_dir=None,
+    batch_size: int = 64,
+) -> np.ndarray:
     """Frozen features of every image, cached as ``<cache>/features/<hash>.npz`` (hash of the
     backbone spec and its weight files, the image set and the preprocessing)."""
-    text = json.dumps({"spec": _spec_key(spec, seed), "images": cache_key(manifest, pre), "n": len(images),
-                       "keras": keras.__version__}, sort_keys=True, default=str)
+    text = json.dumps(
+        {
+            "spec": _spec_key(spec, seed),
+            "images": cache_key(manifest, pre),
+            "n": len(images),
+            "keras": keras.__version__,
+        },
+        sort_keys=True,
+        default=str,
+    )
     digest = hashlib.sha1(text.encode()).hexdigest()[:20]
     path = Path(cache_dir or default_cache_dir()) / "features" / f"{spec.name}-{digest}.npz"
     if path.exists():
@@ -170,8 +199,9 @@ def extract_features(spec: BackboneSpec, manifest: Manifest, images: np.ndarray,
             return data["features"]
     extractor = build_extractor(spec, images.shape[1], seed)
     print(f"features of {len(images)} images from backbone {spec.name} ...")
-    features = extractor.predict(images.astype(np.float32), batch_size=batch_size,
-                                 verbose=1 if sys.stdout.isatty() else 2)
+    features = extractor.predict(
+        images.astype(np.float32), batch_size=batch_size, verbose=1 if sys.stdout.isatty() else 2
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, features=features.astype(np.float32))
     return features.astype(np.float32)
@@ -210,15 +240,31 @@ def _keras_probe(z: np.ndarray, y: np.ndarray, lp: LinearProbeConfig) -> tuple[n
 
     weights = balanced_class_weight(y)
     mean_weight = np.mean([weights[int(v)] for v in y])
-    objective = Objective(loss=keras.losses.BinaryCrossentropy(from_logits=True), metrics=[],
-                          class_weight={k: v / mean_weight for k, v in weights.items()})
+    objective = Objective(
+        loss=keras.losses.BinaryCrossentropy(from_logits=True),
+        metrics=[],
+        class_weight={k: v / mean_weight for k, v in weights.items()},
+    )
     full_batch = tf.data.Dataset.from_tensors((z, y.astype(np.float32)[:, None])).repeat(lp.epochs)
-    train = TrainConfig(epochs=1, batch_size=len(y), optimizer="adam", learning_rate=lp.learning_rate,
-                        schedule="constant", monitor="loss", checkpoint="last")
+    train = TrainConfig(
+        epochs=1,
+        batch_size=len(y),
+        optimizer="adam",
+        learning_rate=lp.learning_rate,
+        schedule="constant",
+        monitor="loss",
+        checkpoint="last",
+    )
 
     def build():
-        return keras.Sequential([keras.Input((z.shape[1],)), keras.layers.Dense(
-            1, kernel_initializer="zeros", kernel_regularizer=keras.regularizers.L2(1.0 / (2 * lp.C * len(y))))])
+        return keras.Sequential(
+            [
+                keras.Input((z.shape[1],)),
+                keras.layers.Dense(
+                    1, kernel_initializer="zeros", kernel_regularizer=keras.regularizers.L2(1.0 / (2 * lp.C * len(y)))
+                ),
+            ]
+        )
 
     head = fit(build, objective, full_batch, None, train, steps_per_epoch=lp.epochs).model
     kernel, bias = head.layers[-1].get_weights()
@@ -276,8 +322,17 @@ class _StartScore(keras.callbacks.Callback):
         self.auroc = float(roc_auc_score(self.y, probs))
 
 
-def fine_tune(build, images: np.ndarray, y: np.ndarray, train_idx, val_idx, config: Config, *,
-              start_is_candidate: bool, seed: int = 0):
+def fine_tune(
+    build,
+    images: np.ndarray,
+    y: np.ndarray,
+    train_idx,
+    val_idx,
+    config: Config,
+    *,
+    start_is_candidate: bool,
+    seed: int = 0,
+):
     """Train every weight of the model ``build()`` makes, as the ``train`` section says
     (AdamW, class-balanced BCE, early stopping on validation AUROC with the best weights
     kept). Returns ``(model, history table with epoch 0 = the start, best epoch, exact
@@ -285,16 +340,33 @@ def fine_tune(build, images: np.ndarray, y: np.ndarray, train_idx, val_idx, conf
     from kfundus.engine import fit
 
     t = config.train
-    objective = Objective(loss=keras.losses.BinaryCrossentropy(), metrics=[keras.metrics.AUC(name="auroc")],
-                          class_weight=balanced_class_weight(y[train_idx]) if t.class_weight == "balanced" else None)
-    train_ds = _dataset(images[train_idx], y[train_idx], t.batch_size, training=True, augment=config.data.augment,
-                        seed=seed)
+    objective = Objective(
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.AUC(name="auroc")],
+        class_weight=balanced_class_weight(y[train_idx]) if t.class_weight == "balanced" else None,
+    )
+    train_ds = _dataset(
+        images[train_idx], y[train_idx], t.batch_size, training=True, augment=config.data.augment, seed=seed
+    )
     val_ds = _dataset(images[val_idx], y[val_idx], t.batch_size)
     start_score = _StartScore(images[val_idx], y[val_idx], t.batch_size)
     with tempfile.TemporaryDirectory(prefix="kfundus-ft-") as run_dir:
-        result = fit(build, objective, train_ds, val_ds, t, run_dir=run_dir, distribution=config.distribution,
-                     train_rows=len(train_idx), val_rows=len(val_idx), start_is_candidate=start_is_candidate,
-                     evaluate_start=True, callbacks=[start_score], backup=False, tensorboard=False)
+        result = fit(
+            build,
+            objective,
+            train_ds,
+            val_ds,
+            t,
+            run_dir=run_dir,
+            distribution=config.distribution,
+            train_rows=len(train_idx),
+            val_rows=len(val_idx),
+            start_is_candidate=start_is_candidate,
+            evaluate_start=True,
+            callbacks=[start_score],
+            backup=False,
+            tensorboard=False,
+        )
     history = result.history.copy()
     first = {"epoch": 0, "val_loss": result.start["val_loss"], "val_auroc": result.start["val_auroc"]}
     history = pd.concat([pd.DataFrame([first]), history], ignore_index=True)
@@ -319,8 +391,14 @@ def run_cell(spec, protocol, fold, i, y, images, features, config: Config, histo
 
     tr, va, te = fold["train"], fold["val"], fold["test"]
     start = time.time()
-    row = {"backbone": spec.name, "protocol": protocol, "fold": i, "n_train": len(tr), "n_val": len(va),
-           "n_test": len(te)}
+    row = {
+        "backbone": spec.name,
+        "protocol": protocol,
+        "fold": i,
+        "n_train": len(tr),
+        "n_val": len(va),
+        "n_test": len(te),
+    }
     head = None
     seed = config.data.split.seed
     if protocol in ("lp", "lp_ft"):
@@ -332,12 +410,20 @@ def run_cell(spec, protocol, fold, i, y, images, features, config: Config, histo
     else:
         model, history, best_epoch, initial = fine_tune(
             lambda: build_classifier(build_extractor(spec, config.data.image_size, seed), head),
-            images, y, tr, va, config, start_is_candidate=protocol == "lp_ft", seed=seed + i)
+            images,
+            y,
+            tr,
+            va,
+            config,
+            start_is_candidate=protocol == "lp_ft",
+            seed=seed + i,
+        )
         history.to_csv(histories / f"{spec.name}_{protocol}_fold{i}.csv", index=False)
         batch = config.train.batch_size
         probs = model.predict(images[te].astype(np.float32), batch_size=batch, verbose=0).ravel()
-        row["val_auroc"] = float(roc_auc_score(y[va], model.predict(
-            images[va].astype(np.float32), batch_size=batch, verbose=0).ravel()))
+        row["val_auroc"] = float(
+            roc_auc_score(y[va], model.predict(images[va].astype(np.float32), batch_size=batch, verbose=0).ravel())
+        )
         row.update(initial_val_auroc=initial, best_epoch=best_epoch, epochs_run=int(len(history) - 1))
         keras.backend.clear_session()
     row.update(fold_metrics(y[te], probs, config.transfer.threshold))
@@ -361,12 +447,15 @@ def summarize(folds: pd.DataFrame) -> pd.DataFrame:
 def summary_markdown(summary: pd.DataFrame) -> str:
     from kfundus.evaluation.report import markdown_table
 
-    table = pd.DataFrame({"backbone": summary["backbone"],
-                          "protocol": summary["protocol"].map(PROTOCOL_NAMES).fillna(summary["protocol"]),
-                          **{m: [f"{a:.3f} ± {s:.3f}" for a, s in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]
-                             for m in METRICS},
-                          "folds": summary["folds"].astype(str),
-                          "time (s)": summary["seconds"].round(0).astype(int).astype(str)})
+    table = pd.DataFrame(
+        {
+            "backbone": summary["backbone"],
+            "protocol": summary["protocol"].map(PROTOCOL_NAMES).fillna(summary["protocol"]),
+            **{m: [f"{a:.3f} ± {s:.3f}" for a, s in zip(summary[f"{m}_mean"], summary[f"{m}_std"])] for m in METRICS},
+            "folds": summary["folds"].astype(str),
+            "time (s)": summary["seconds"].round(0).astype(int).astype(str),
+        }
+    )
     return markdown_table(table)
 
 
@@ -380,7 +469,8 @@ def write_outputs(folds: pd.DataFrame, out: Path, config: Config, label: str) ->
         f"# Transfer: {config.name}, label {label}, {config.transfer.folds}-fold CV (patient-level)\n\n"
         f"{summary_markdown(summary)}\n\nmean ± std over folds; decisions at probability "
         f"{config.transfer.threshold}. LP: logistic regression on frozen features; FT: full fine-tuning; "
-        "LP-FT: FT from the LP head.\n")
+        "LP-FT: FT from the LP head.\n"
+    )
     plot_protocol_comparison(summary, METRICS, out / "comparison.png", PROTOCOL_NAMES)
     return summary
 
@@ -399,10 +489,13 @@ def run_transfer(config: Config, data_path=None, out=None, overwrite=False) -> p
     y = manifest.frame[label].to_numpy().astype(int)
     folds = make_folds(manifest, config)
     pd.concat([manifest.frame.iloc[f["test"]].assign(test_fold=i) for i, f in enumerate(folds)]).to_csv(
-        out / "splits.csv", index=False)
+        out / "splits.csv", index=False
+    )
     backbones = config.transfer.backbones
-    print(f"{len(manifest)} images, {int(y.sum())} positive ({label}); {config.transfer.folds} folds; "
-          f"backbones {[b.name for b in backbones]}; protocols {config.transfer.protocols}")
+    print(
+        f"{len(manifest)} images, {int(y.sum())} positive ({label}); {config.transfer.folds} folds; "
+        f"backbones {[b.name for b in backbones]}; protocols {config.transfer.protocols}"
+    )
     done = pd.DataFrame()
     if (out / "folds.csv").exists() and not overwrite:
         done = pd.read_csv(out / "folds.csv")
@@ -414,11 +507,18 @@ def run_transfer(config: Config, data_path=None, out=None, overwrite=False) -> p
         if (spec.name, protocol, i) in key:
             continue
         if spec.name not in features and protocol in ("lp", "lp_ft"):
-            features[spec.name] = extract_features(spec, manifest, images, pre, seed=config.data.split.seed,
-                                                   cache_dir=config.data.cache_dir,
-                                                   batch_size=config.transfer.feature_batch_size)
-        rows.append(run_cell(spec, protocol, folds[i], i, y, images, features.get(spec.name), config,
-                             out / "histories"))
+            features[spec.name] = extract_features(
+                spec,
+                manifest,
+                images,
+                pre,
+                seed=config.data.split.seed,
+                cache_dir=config.data.cache_dir,
+                batch_size=config.transfer.feature_batch_size,
+            )
+        rows.append(
+            run_cell(spec, protocol, folds[i], i, y, images, features.get(spec.name), config, out / "histories")
+        )
         write_outputs(pd.DataFrame(rows), out, config, label)  # partial results survive an interruption
     summary = write_outputs(pd.DataFrame(rows), out, config, label)
     print(f"\n{out / 'summary.md'}\n{summary_markdown(summary)}")

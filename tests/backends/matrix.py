@@ -72,9 +72,9 @@ def case_vit_lora():
 def case_dual_stream():
     import keras
 
-    from kfundus.systems.dual_stream.wlsr import WeightedLabelSmoothingLoss
     from kfundus.systems.dual_stream.model import build_dual_stream
     from kfundus.systems.dual_stream.objective import QuadraticWeightedKappa
+    from kfundus.systems.dual_stream.wlsr import WeightedLabelSmoothingLoss
 
     grades = np.random.default_rng(2).integers(0, 4, N)
     y = keras.utils.to_categorical(grades, 4).astype("float32")
@@ -91,28 +91,42 @@ def case_retclip():
     rng = np.random.default_rng(3)
     lengths = rng.integers(3, length + 1, N)
     mask = np.arange(length)[None] < lengths[:, None]
-    inputs = {"left_image": images(4), "right_image": images(5),
-              "token_ids": np.where(mask, rng.integers(1, vocab, (N, length)), 0).astype("int32"),
-              "padding_mask": mask}
-    model = build_retclip(image_size=SIZE, vocabulary_size=vocab, sequence_length=length,
-                          vision_config=TINY_CLIP, text_config=TINY_TEXT, embed_dim=16)
+    inputs = {
+        "left_image": images(4),
+        "right_image": images(5),
+        "token_ids": np.where(mask, rng.integers(1, vocab, (N, length)), 0).astype("int32"),
+        "padding_mask": mask,
+    }
+    model = build_retclip(
+        image_size=SIZE,
+        vocabulary_size=vocab,
+        sequence_length=length,
+        vision_config=TINY_CLIP,
+        text_config=TINY_TEXT,
+        embed_dim=16,
+    )
     objective = retclip_objective()
     loss, metrics = objective.loss, objective.metrics
     targets = {b: np.arange(N, dtype="int32") for b in loss}  # row i matches column i
     return model, inputs, targets, loss, metrics
 
 
-CASES = {"efficientnet_b0": case_efficientnet, "clip_lora": case_clip_lora, "vit_lora": case_vit_lora,
-         "dual_stream": case_dual_stream, "retclip": case_retclip}
+CASES = {
+    "efficientnet_b0": case_efficientnet,
+    "clip_lora": case_clip_lora,
+    "vit_lora": case_vit_lora,
+    "dual_stream": case_dual_stream,
+    "retclip": case_retclip,
+}
 
 
 def standalone_losses() -> dict:
     """Every kfundus loss and metric on fixed (y_true, y_pred): backend-computed values."""
     from kfundus.losses import WeightedBinaryCrossentropy
     from kfundus.systems.clip_lora.shadow_loss import ShadowLoss
+    from kfundus.systems.dual_stream.objective import QuadraticWeightedKappa
     from kfundus.systems.dual_stream.wlsr import WeightedLabelSmoothingLoss
     from kfundus.systems.retclip.loss import SymmetricInfoNCE
-    from kfundus.systems.dual_stream.objective import QuadraticWeightedKappa
 
     rng = np.random.default_rng(7)
     y = multilabel()
@@ -179,8 +193,12 @@ def run_case(name, out: Path, mode: str, backend: str) -> dict:
     step_loss = float(history.history["loss"][0])
     if not np.isfinite(step_loss) or moved == 0:
         raise AssertionError(f"train step: loss {step_loss}, largest weight change {moved}")
-    return {"ok": True, "step_loss": step_loss, "weight_change": moved,
-            "trainable_weights": len(model.trainable_weights)}
+    return {
+        "ok": True,
+        "step_loss": step_loss,
+        "weight_change": moved,
+        "trainable_weights": len(model.trainable_weights),
+    }
 
 
 def main(out: str, mode: str) -> dict:
@@ -194,8 +212,11 @@ def main(out: str, mode: str) -> dict:
         try:
             report["cases"][name] = run_case(name, out, mode, backend)
         except Exception as exc:  # recorded per case: the matrix shows what fails where
-            report["cases"][name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:600],
-                                     "trace": traceback.format_exc()[-1500:]}
+            report["cases"][name] = {
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}"[:600],
+                "trace": traceback.format_exc()[-1500:],
+            }
         keras.backend.clear_session()
     for label, fn in (("losses", standalone_losses), ("layers", layers)):
         try:
@@ -203,8 +224,11 @@ def main(out: str, mode: str) -> dict:
             np.savez(out / f"{label}-{backend}.npz", **{k: np.asarray(v) for k, v in values.items()})
             report["cases"][label] = {"ok": True}
         except Exception as exc:
-            report["cases"][label] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:600],
-                                      "trace": traceback.format_exc()[-1500:]}
+            report["cases"][label] = {
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}"[:600],
+                "trace": traceback.format_exc()[-1500:],
+            }
     return report
 
 

@@ -30,8 +30,9 @@ RANDOM_TRAIN_STEP = {"efficientnet_b0"}
 
 def _run(backend: str, out: Path, mode: str) -> dict:
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, str(MATRIX), str(out), mode], capture_output=True, text=True, env=env,
-                          timeout=900, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, str(MATRIX), str(out), mode], capture_output=True, text=True, env=env, timeout=900, cwd=REPO
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -67,12 +68,15 @@ def test_backend_matches_tensorflow(reference, backend):
             step = abs(result["step_loss"] - tf_report["cases"][case]["step_loss"])
             note += f"; train-step loss diff {step:.1e}"
             if step > RTOL * max(1.0, abs(result["step_loss"])):
-                failures.append(f"{case}: train-step loss {result['step_loss']} vs TF {tf_report['cases'][case]['step_loss']}")
+                failures.append(
+                    f"{case}: train-step loss {result['step_loss']} vs TF {tf_report['cases'][case]['step_loss']}"
+                )
         if worst > RTOL:
             failures.append(f"{case}: outputs differ from TensorFlow by {worst:.2e} ({diffs})")
         rows.append((case, "ok" if worst <= RTOL else "DIFF", note))
-    table = "\n".join([f"| case | {backend} | vs TensorFlow |", "|---|---|---|"] +
-                      [f"| {c} | {s} | {n} |" for c, s, n in rows])
+    table = "\n".join(
+        [f"| case | {backend} | vs TensorFlow |", "|---|---|---|"] + [f"| {c} | {s} | {n} |" for c, s, n in rows]
+    )
     (REPO / "runs").mkdir(exist_ok=True)
     (REPO / "runs" / f"backend-matrix-{backend}.md").write_text(table + "\n")
     print("\n" + table)

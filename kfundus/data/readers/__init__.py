@@ -27,11 +27,35 @@ from kfundus.data.readers.rfmid import read_rfmid, read_rfmid_dir
 from kfundus.data.readers.table import LABEL_FILES, check_reader_options, find_label_file
 from kfundus.errors import ConfigError, DataError
 
-SOURCES = {"odir": read_odir, "odir_kaggle": read_odir_kaggle, "rfmid": read_rfmid,
-           "dr": read_dr_grades, "folders": read_class_folders, "csv": read_csv, "hrdc": read_hrdc}
-__all__ = ["ODIR_COLUMNS", "PAIR_SOURCES", "SOURCES", "load_dataset", "load_pairs", "load_source", "odir_pairs", "read_class_folders",
-           "read_csv", "read_dr_grades", "read_hrdc", "read_odir", "read_odir_kaggle", "read_pairs_csv", "read_retclip",
-           "read_rfmid", "read_rfmid_dir", "select_labels"]
+SOURCES = {
+    "odir": read_odir,
+    "odir_kaggle": read_odir_kaggle,
+    "rfmid": read_rfmid,
+    "dr": read_dr_grades,
+    "folders": read_class_folders,
+    "csv": read_csv,
+    "hrdc": read_hrdc,
+}
+__all__ = [
+    "ODIR_COLUMNS",
+    "PAIR_SOURCES",
+    "SOURCES",
+    "load_dataset",
+    "load_pairs",
+    "load_source",
+    "odir_pairs",
+    "read_class_folders",
+    "read_csv",
+    "read_dr_grades",
+    "read_hrdc",
+    "read_odir",
+    "read_odir_kaggle",
+    "read_pairs_csv",
+    "read_retclip",
+    "read_rfmid",
+    "read_rfmid_dir",
+    "select_labels",
+]
 
 
 def load_dataset(data, path=None) -> Manifest:
@@ -81,16 +105,21 @@ def select_labels(manifest: Manifest, labels, *, drop_empty=False) -> Manifest:
     labels = [labels] if isinstance(labels, str) else list(labels)
     unknown = [c for c in labels if c not in manifest.labels]
     if unknown or not labels:
-        raise DataError(f"label(s) {unknown or labels} are not in the {manifest.name or 'dataset'} "
-                        f"labels; valid labels: {manifest.labels}")
+        raise DataError(
+            f"label(s) {unknown or labels} are not in the {manifest.name or 'dataset'} "
+            f"labels; valid labels: {manifest.labels}"
+        )
     out = manifest.with_labels(labels)
     keep = out.frame[labels].to_numpy().sum(axis=1) > 0
     if drop_empty:
-        dropped = pd.DataFrame({"path": out.frame.loc[~keep, out.image_columns[0]].to_numpy(),
-                                "reason": f"none of the labels {labels}"})
+        dropped = pd.DataFrame(
+            {"path": out.frame.loc[~keep, out.image_columns[0]].to_numpy(), "reason": f"none of the labels {labels}"}
+        )
         out = out.subset(keep)
         out.skipped = pd.concat([manifest.skipped, dropped], ignore_index=True)
     elif out.task == "multiclass" and not keep.all():
-        raise DataError(f"{int((~keep).sum())} row(s) have none of the classes {labels}, so they would have no "
-                        "class: pass drop_empty=True to drop them")
+        raise DataError(
+            f"{int((~keep).sum())} row(s) have none of the classes {labels}, so they would have no "
+            "class: pass drop_empty=True to drop them"
+        )
     return out

@@ -56,26 +56,38 @@ def read_dr_grades(csv, image_dir=None, *, layout="auto", check_files=True, skip
         known = {n: [i, g] for n, (i, g, _) in _DR_LAYOUTS.items()}
         layout = next((n for n, c in known.items() if set(c) <= set(df.columns)), None)
         if layout is None:
-            raise DataError(f"{path}: cannot tell the DR-grading layout from its columns {list(df.columns)}; "
-                            f"known layouts and their columns: {known}. Pass layout=... or fix the header.")
+            raise DataError(
+                f"{path}: cannot tell the DR-grading layout from its columns {list(df.columns)}; "
+                f"known layouts and their columns: {known}. Pass layout=... or fix the header."
+            )
     image_col, grade_col, extensions = _DR_LAYOUTS[layout]
     required = [image_col, grade_col] + (["Risk of macular edema"] if layout == "idrid" else [])
     require_columns(df, required, path)
     names = df[image_col].map(clean_id)
     require_unique(names, path, image_col)
     grade = int_column(df, grade_col, path, high=4, what="grade")
-    subfolders = {"aptos": [f"{path.stem}_images", "train_images"], "eyepacs": ["train"],
-                  "idrid": ["images/test", "images/train"]}[layout]
+    subfolders = {
+        "aptos": [f"{path.stem}_images", "train_images"],
+        "eyepacs": ["train"],
+        "idrid": ["images/test", "images/train"],
+    }[layout]
     image_dir = default_image_dir(image_dir, path.parent, subfolders, names + extensions[0])
     patient, eye = names, ""
     if layout == "eyepacs":
         parts = names.str.extract(r"^(.*)_(left|right)$", flags=re.I)
         patient, eye = parts[0].fillna(names), parts[1].str.lower().fillna("")
     dme = {"dme_risk": int_column(df, required[-1], path, high=2, what="grade")} if layout == "idrid" else {}
-    frame = pd.DataFrame({"image": absolute_paths(image_dir, image_file_names(names, extensions, image_dir, check_files)),
-                          "patient_id": patient, "eye": eye, "grade": grade,
-                          **{g: (grade == k).astype("int64") for k, g in enumerate(kl.DR_GRADES)},
-                          **dme, "id": names, "_row": np.arange(len(df)) + 2})
+    frame = pd.DataFrame(
+        {
+            "image": absolute_paths(image_dir, image_file_names(names, extensions, image_dir, check_files)),
+            "patient_id": patient,
+            "eye": eye,
+            "grade": grade,
+            **{g: (grade == k).astype("int64") for k, g in enumerate(kl.DR_GRADES)},
+            **dme,
+            "id": names,
+            "_row": np.arange(len(df)) + 2,
+        }
+    )
     frame, skipped = check_image_files(frame, path, ["image"], check_files, skip_missing, image_dir)
     return Manifest(frame, list(kl.DR_GRADES), "multiclass", layout, skipped)
-

@@ -27,8 +27,10 @@ def _patient_of(stem: str, pattern, path) -> str:
     if pattern is None and not match:
         return stem
     if not match:
-        raise DataError(f"file {path} does not match patient_pattern {pattern!r}: fix the pattern "
-                        "(its first group, or the whole match, is the patient id)")
+        raise DataError(
+            f"file {path} does not match patient_pattern {pattern!r}: fix the pattern "
+            "(its first group, or the whole match, is the patient id)"
+        )
     return match.group(1) if match.groups() else match.group(0)
 
 
@@ -55,8 +57,10 @@ def read_class_folders(root, *, classes=None, extensions=IMAGE_EXTENSIONS, patie
     in_splits = [d for d in top if d.name.lower() in SPLIT_ALIASES]
     if in_splits and len(in_splits) != len(top):
         odd = [d.name for d in top if d not in in_splits]
-        raise DataError(f"{root} mixes split folders {[d.name for d in in_splits]} with other folders {odd}: "
-                        "move the others away, or point root at a split folder")
+        raise DataError(
+            f"{root} mixes split folders {[d.name for d in in_splits]} with other folders {odd}: "
+            "move the others away, or point root at a split folder"
+        )
     groups = [(SPLIT_ALIASES[d.name.lower()], d) for d in in_splits] or [(None, root)]
     classes = list(classes or sorted({d.name for _, g in groups for d in _visible_dirs(g)}))
     if not classes:
@@ -67,16 +71,22 @@ def read_class_folders(root, *, classes=None, extensions=IMAGE_EXTENSIONS, patie
         for label in classes:
             folder = group / label
             if not folder.is_dir():
-                raise DataError(f"class folder {folder} does not exist; the classes are {classes}. "
-                                "Add the folder with its images, or pass classes= without it")
-            files = sorted(f for f in folder.iterdir()
-                           if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in extensions)
+                raise DataError(
+                    f"class folder {folder} does not exist; the classes are {classes}. "
+                    "Add the folder with its images, or pass classes= without it"
+                )
+            files = sorted(
+                f
+                for f in folder.iterdir()
+                if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in extensions
+            )
             if not files:
-                raise DataError(f"class folder {folder} has no images with extensions {list(extensions)}: "
-                                "add its images, or pass classes= without it")
+                raise DataError(
+                    f"class folder {folder} has no images with extensions {list(extensions)}: "
+                    "add its images, or pass classes= without it"
+                )
             rows += [(os.path.abspath(f), _patient_of(f.stem, patient_pattern, f), label, split) for f in files]
     frame = pd.DataFrame(rows, columns=["image", "patient_id", "label", "split"]).assign(eye="")
     frame = frame.assign(**{c: (frame["label"] == c).astype("int64") for c in classes})
     frame = frame[["image", "patient_id", "eye", "label", *classes] + (["split"] if in_splits else [])]
     return Manifest(frame, classes, "multiclass", "folders")
-

@@ -43,16 +43,21 @@ IMAGE_FOLDERS = ("../1-Images/1-Training Set", "../1-Images/2-Testing Set", "../
 
 def find_hrdc_table(folder: Path) -> Path:
     """The one label table (``*.csv`` / ``*.xlsx``) under ``folder``, preferring ``2-Groundtruths``."""
-    tables = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".csv", ".xlsx")
-                    and not p.name.startswith(("~$", ".")))
+    tables = sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in (".csv", ".xlsx") and not p.name.startswith(("~$", "."))
+    )
     truths = [p for p in tables if "groundtruth" in str(p.parent).lower()] or tables
     if len(truths) == 1:
         return truths[0]
     if not truths:
-        raise DataError(f"no label table (.csv/.xlsx) under {folder}: expected CGI-HRDC's "
-                        "2-Groundtruths/HRDC ... Training Labels.csv; give the file itself as path")
-    raise DataError(f"{folder} holds several label tables {[str(p.relative_to(folder)) for p in truths]}: "
-                    "give the one to read as path (data.path)")
+        raise DataError(
+            f"no label table (.csv/.xlsx) under {folder}: expected CGI-HRDC's "
+            "2-Groundtruths/HRDC ... Training Labels.csv; give the file itself as path"
+        )
+    raise DataError(
+        f"{folder} holds several label tables {[str(p.relative_to(folder)) for p in truths]}: "
+        "give the one to read as path (data.path)"
+    )
 
 
 def _pick(df, given, candidates, path, what, option):
@@ -63,12 +68,22 @@ def _pick(df, given, candidates, path, what, option):
     found = [lower[c.lower()] for c in candidates if c.lower() in lower]
     if found:
         return found[0]
-    raise DataError(f"{path}: cannot tell the {what} column among {list(df.columns)} (looked for "
-                    f"{list(candidates)}); name it with the source option {option}=")
+    raise DataError(
+        f"{path}: cannot tell the {what} column among {list(df.columns)} (looked for "
+        f"{list(candidates)}); name it with the source option {option}="
+    )
 
 
-def read_hrdc(path, image_dir=None, *, image_column=None, label_column=None, patient_column=None,
-              check_files=True, skip_missing=False) -> Manifest:
+def read_hrdc(
+    path,
+    image_dir=None,
+    *,
+    image_column=None,
+    label_column=None,
+    patient_column=None,
+    check_files=True,
+    skip_missing=False,
+) -> Manifest:
     """Read a CGI-HRDC label table (or the folder holding it) into a binary Manifest.
 
     Args:
@@ -96,8 +111,10 @@ def read_hrdc(path, image_dir=None, *, image_column=None, label_column=None, pat
     rest = [c for c in df.columns if c not in (image_col, patient_column)]
     if label_column is None and not any(c.lower() in {x.lower() for x in LABEL_COLUMNS} for c in rest):
         if len(rest) != 1:
-            raise DataError(f"{path}: cannot tell the label column among {rest} (looked for "
-                            f"{list(LABEL_COLUMNS)}); name it with the source option label_column=")
+            raise DataError(
+                f"{path}: cannot tell the label column among {rest} (looked for "
+                f"{list(LABEL_COLUMNS)}); name it with the source option label_column="
+            )
         label_column = rest[0]
     label_col = _pick(df, label_column, LABEL_COLUMNS, path, "label", "label_column")
     if patient_column is not None:
@@ -112,9 +129,14 @@ def read_hrdc(path, image_dir=None, *, image_column=None, label_column=None, pat
     bad = [n for n in files if not n.lower().endswith(IMAGE_EXTENSIONS)]
     if bad:
         raise DataError(f"{path}, column {image_col!r}: {bad[0]!r} is not an image name")
-    frame = pd.DataFrame({
-        "image": absolute_paths(image_dir, files),
-        "patient_id": (df[patient_column] if patient_column else names).to_numpy(),
-        "eye": "", label_col: y, "_row": np.arange(len(df)) + 2})
+    frame = pd.DataFrame(
+        {
+            "image": absolute_paths(image_dir, files),
+            "patient_id": (df[patient_column] if patient_column else names).to_numpy(),
+            "eye": "",
+            label_col: y,
+            "_row": np.arange(len(df)) + 2,
+        }
+    )
     frame, skipped = check_image_files(frame, path, ["image"], check_files, skip_missing, image_dir)
     return Manifest(frame, [label_col], "binary", "hrdc", skipped)

@@ -27,8 +27,16 @@ from kfundus.data.readers.table import (
 )
 from kfundus.errors import DataError
 
-ODIR_COLUMNS = ["ID", "Patient Age", "Patient Sex", "Left-Fundus", "Right-Fundus",
-                "Left-Diagnostic Keywords", "Right-Diagnostic Keywords", *kl.ODIR_LABELS]
+ODIR_COLUMNS = [
+    "ID",
+    "Patient Age",
+    "Patient Sex",
+    "Left-Fundus",
+    "Right-Fundus",
+    "Left-Diagnostic Keywords",
+    "Right-Diagnostic Keywords",
+    *kl.ODIR_LABELS,
+]
 _SIDES = ("left", "right")
 
 
@@ -44,21 +52,27 @@ def keyword_labels(keywords) -> pd.DataFrame:
 def _report_odir_keywords(ids, keywords, eye_y, y, path):
     """Warn about eyes without diagnostic keywords, and patient labels that differ from
     their eyes' (:func:`kfundus.labels.odir_patient_labels`)."""
-    empty = [f"{ids[i]} {s} ({keywords[s][i]!r})"
-             for s in _SIDES for i in np.flatnonzero(eye_y[s].sum(axis=1) == 0)]
+    empty = [f"{ids[i]} {s} ({keywords[s][i]!r})" for s in _SIDES for i in np.flatnonzero(eye_y[s].sum(axis=1) == 0)]
     if empty:
-        warnings.warn(f"{path}: {len(empty)} eye(s) have only non-diagnostic keywords, so no label, e.g. "
-                      f"{empty[:SHOW]}; select_labels(..., drop_empty=True) drops them", stacklevel=3)
+        warnings.warn(
+            f"{path}: {len(empty)} eye(s) have only non-diagnostic keywords, so no label, e.g. "
+            f"{empty[:SHOW]}; select_labels(..., drop_empty=True) drops them",
+            stacklevel=3,
+        )
     eyes = [r.to_dict("records") for r in (eye_y["left"], eye_y["right"])]
     union = pd.DataFrame([kl.odir_patient_labels(a, b) for a, b in zip(*eyes)], columns=kl.ODIR_LABELS)
     differ = np.flatnonzero((union.to_numpy() != y.to_numpy()).any(axis=1))
     if len(differ):
-        warnings.warn(f"{path}: {len(differ)} of {len(y)} patients have labels that differ from the union of "
-                      f"their eyes' keyword labels, e.g. IDs {[ids[i] for i in differ[:SHOW]]}", stacklevel=3)
+        warnings.warn(
+            f"{path}: {len(differ)} of {len(y)} patients have labels that differ from the union of "
+            f"their eyes' keyword labels, e.g. IDs {[ids[i] for i in differ[:SHOW]]}",
+            stacklevel=3,
+        )
 
 
-def read_odir(annotation, image_dir=None, *, level="eye", eye_labels="keywords",
-              check_files=True, skip_missing=False) -> Manifest:
+def read_odir(
+    annotation, image_dir=None, *, level="eye", eye_labels="keywords", check_files=True, skip_missing=False
+) -> Manifest:
     """Read the official ODIR-5K annotation (``.xlsx`` or ``.csv``).
 
     Args:
@@ -84,8 +98,12 @@ def read_odir(annotation, image_dir=None, *, level="eye", eye_labels="keywords",
     check_choice("eye_labels", eye_labels, ("keywords", "patient"))
     path = Path(annotation)
     df = read_table(path)
-    require_columns(df, ODIR_COLUMNS, path, "Is this the official ODIR-5K annotation? "
-                     "For Kaggle's full_df.csv use read_odir_kaggle.")
+    require_columns(
+        df,
+        ODIR_COLUMNS,
+        path,
+        "Is this the official ODIR-5K annotation? For Kaggle's full_df.csv use read_odir_kaggle.",
+    )
     ids = df["ID"].map(clean_id)
     require_unique(ids, path, "patient ID")
     y = binary_columns(df, kl.ODIR_LABELS, path)
@@ -95,17 +113,43 @@ def read_odir(annotation, image_dir=None, *, level="eye", eye_labels="keywords",
     _report_odir_keywords(ids.tolist(), keywords, eye_y, y, path)
     texts = {s: [eye_text(s, k) for k in keywords[s]] for s in _SIDES}
     images = {s: absolute_paths(image_dir, df[f"{s.capitalize()}-Fundus"]) for s in _SIDES}
-    extra = {"age": pd.to_numeric(df["Patient Age"], errors="coerce").to_numpy(),
-             "sex": df["Patient Sex"].to_numpy(), "_row": np.arange(len(df)) + 2}
+    extra = {
+        "age": pd.to_numeric(df["Patient Age"], errors="coerce").to_numpy(),
+        "sex": df["Patient Sex"].to_numpy(),
+        "_row": np.arange(len(df)) + 2,
+    }
     if level == "patient":
-        frame = pd.DataFrame({"patient_id": ids, "left_image": images["left"], "right_image": images["right"],
-                              **y, "left_keywords": keywords["left"], "right_keywords": keywords["right"],
-                              **extra, "text": [f"{a} {b}" for a, b in zip(texts["left"], texts["right"])]})
+        frame = pd.DataFrame(
+            {
+                "patient_id": ids,
+                "left_image": images["left"],
+                "right_image": images["right"],
+                **y,
+                "left_keywords": keywords["left"],
+                "right_keywords": keywords["right"],
+                **extra,
+                "text": [f"{a} {b}" for a, b in zip(texts["left"], texts["right"])],
+            }
+        )
     else:
-        frame = pd.concat([pd.DataFrame({
-            "patient_id": ids, "image": images[s], "eye": s, **(eye_y[s] if eye_labels == "keywords" else y),
-            **{f"patient_{c}": y[c] for c in kl.ODIR_LABELS}, "keywords": keywords[s], **extra, "text": texts[s]})
-            for s in _SIDES], ignore_index=True).sort_values(["_row", "eye"], kind="stable")
+        frame = pd.concat(
+            [
+                pd.DataFrame(
+                    {
+                        "patient_id": ids,
+                        "image": images[s],
+                        "eye": s,
+                        **(eye_y[s] if eye_labels == "keywords" else y),
+                        **{f"patient_{c}": y[c] for c in kl.ODIR_LABELS},
+                        "keywords": keywords[s],
+                        **extra,
+                        "text": texts[s],
+                    }
+                )
+                for s in _SIDES
+            ],
+            ignore_index=True,
+        ).sort_values(["_row", "eye"], kind="stable")
     columns = ["left_image", "right_image"] if level == "patient" else ["image"]
     frame, skipped = check_image_files(frame, path, columns, check_files, skip_missing, image_dir)
     return Manifest(frame, list(kl.ODIR_LABELS), "multilabel", "odir", skipped)
@@ -129,28 +173,47 @@ def read_odir_kaggle(full_df_csv, image_dir=None, *, check_files=True, skip_miss
     """
     path = Path(full_df_csv)
     df = read_table(path)
-    require_columns(df, ["filename", *ODIR_COLUMNS[:3], *ODIR_COLUMNS[5:]], path,
-                     "Is this Kaggle's full_df.csv? For the official annotation use read_odir.")
+    require_columns(
+        df,
+        ["filename", *ODIR_COLUMNS[:3], *ODIR_COLUMNS[5:]],
+        path,
+        "Is this Kaggle's full_df.csv? For the official annotation use read_odir.",
+    )
     require_unique(df["filename"], path, "filename")
     eyes = df["filename"].str.extract(r"_(left|right)\.", flags=re.I)[0].str.lower()
     if eyes.isna().any():
         i = first_index(eyes.isna())
-        raise DataError(f"row {file_row(i)} of {path}: filename {df['filename'].iloc[i]!r} does not say "
-                        "which eye it is (expected '<ID>_left.jpg' or '<ID>_right.jpg')")
+        raise DataError(
+            f"row {file_row(i)} of {path}: filename {df['filename'].iloc[i]!r} does not say "
+            "which eye it is (expected '<ID>_left.jpg' or '<ID>_right.jpg')"
+        )
     y = binary_columns(df, kl.ODIR_LABELS, path)
     keywords = np.where(eyes == "left", df["Left-Diagnostic Keywords"], df["Right-Diagnostic Keywords"])
-    image_dir = default_image_dir(image_dir, path.parent, ["preprocessed_images", "ODIR-5K/Training Images",
-                                                      "Training Images", "images"], df["filename"])
+    image_dir = default_image_dir(
+        image_dir,
+        path.parent,
+        ["preprocessed_images", "ODIR-5K/Training Images", "Training Images", "images"],
+        df["filename"],
+    )
     eye_y = keyword_labels(keywords)
     empty = df["filename"][eye_y.sum(axis=1).to_numpy() == 0].tolist()
     if empty:
-        warnings.warn(f"{path}: {len(empty)} image(s) have only non-diagnostic keywords, e.g. {empty[:SHOW]}",
-                      stacklevel=2)
-    frame = pd.DataFrame({
-        "patient_id": df["ID"].map(clean_id), "image": absolute_paths(image_dir, df["filename"]), "eye": eyes,
-        **eye_y, **{f"patient_{c}": y[c] for c in kl.ODIR_LABELS}, "keywords": keywords,
-        "age": pd.to_numeric(df["Patient Age"], errors="coerce"), "sex": df["Patient Sex"],
-        "text": [eye_text(e, k) for e, k in zip(eyes, keywords)], "_row": np.arange(len(df)) + 2})
+        warnings.warn(
+            f"{path}: {len(empty)} image(s) have only non-diagnostic keywords, e.g. {empty[:SHOW]}", stacklevel=2
+        )
+    frame = pd.DataFrame(
+        {
+            "patient_id": df["ID"].map(clean_id),
+            "image": absolute_paths(image_dir, df["filename"]),
+            "eye": eyes,
+            **eye_y,
+            **{f"patient_{c}": y[c] for c in kl.ODIR_LABELS},
+            "keywords": keywords,
+            "age": pd.to_numeric(df["Patient Age"], errors="coerce"),
+            "sex": df["Patient Sex"],
+            "text": [eye_text(e, k) for e, k in zip(eyes, keywords)],
+            "_row": np.arange(len(df)) + 2,
+        }
+    )
     frame, skipped = check_image_files(frame, path, ["image"], check_files, skip_missing, image_dir)
     return Manifest(frame, list(kl.ODIR_LABELS), "multilabel", "odir_kaggle", skipped)
-

@@ -106,13 +106,17 @@ def _retclip_files(path, split: str) -> tuple[Path, Path]:
     else:
         match = re.fullmatch(r"(.*)_imgs\.tsv", path.name)
         if not match:
-            raise DataError(f"{path} is not a RET-CLIP image file: give the folder holding {split}_imgs.tsv and "
-                            f"{split}_texts.jsonl, or the path of a '<split>_imgs.tsv'")
+            raise DataError(
+                f"{path} is not a RET-CLIP image file: give the folder holding {split}_imgs.tsv and "
+                f"{split}_texts.jsonl, or the path of a '<split>_imgs.tsv'"
+            )
         tsv, jsonl = path, path.with_name(f"{match.group(1)}_texts.jsonl")
     for file in (tsv, jsonl):
         if not file.is_file():
-            raise DataError(f"RET-CLIP file {file} does not exist: a RET-CLIP split needs {tsv.name} "
-                            f"(patient_id<TAB>base64(left)<TAB>base64(right)) and {jsonl.name}")
+            raise DataError(
+                f"RET-CLIP file {file} does not exist: a RET-CLIP split needs {tsv.name} "
+                f"(patient_id<TAB>base64(left)<TAB>base64(right)) and {jsonl.name}"
+            )
     return tsv, jsonl
 
 
@@ -125,21 +129,26 @@ def _read_tsv(tsv: Path, extract_dir: Path) -> dict[str, tuple[str, str]]:
                 continue
             fields = line.split("\t")
             if len(fields) != 3:
-                raise DataError(f"line {number} of {tsv}: expected 3 tab-separated fields "
-                                f"patient_id, base64(left), base64(right); found {len(fields)}")
+                raise DataError(
+                    f"line {number} of {tsv}: expected 3 tab-separated fields "
+                    f"patient_id, base64(left), base64(right); found {len(fields)}"
+                )
             patient = fields[0].strip()
             if not patient:
                 raise DataError(f"line {number} of {tsv}: empty patient_id")
             if patient in images:
-                raise DataError(f"line {number} of {tsv}: patient_id {patient!r} appears twice; each patient "
-                                "has one line (left and right image)")
+                raise DataError(
+                    f"line {number} of {tsv}: patient_id {patient!r} appears twice; each patient "
+                    "has one line (left and right image)"
+                )
             paths = []
             for side, text in zip(("left", "right"), fields[1:]):
                 try:
                     data = _b64decode(text)
                 except (binascii.Error, ValueError) as error:
-                    raise DataError(f"line {number} of {tsv}: the {side} image of patient {patient!r} is not "
-                                    f"valid base64 ({error})") from error
+                    raise DataError(
+                        f"line {number} of {tsv}: the {side} image of patient {patient!r} is not valid base64 ({error})"
+                    ) from error
                 if not data:
                     raise DataError(f"line {number} of {tsv}: the {side} image of patient {patient!r} is empty")
                 file = extract_dir / f"{_safe_name(patient)}_{side}{_image_extension(data)}"
@@ -195,8 +204,10 @@ def read_retclip(path, split: str = "train", extract_dir=None) -> Manifest:
                 raise DataError(f"{where}: expected a JSON object with text_id, text, image_ids")
             missing = [k for k in ("text_id", "text", "image_ids") if k not in record]
             if missing:
-                raise DataError(f"{where}: missing key(s) {missing}; each line is "
-                                '{"text_id": ..., "text": ..., "image_ids": [patient_id, ...]}')
+                raise DataError(
+                    f"{where}: missing key(s) {missing}; each line is "
+                    '{"text_id": ..., "text": ..., "image_ids": [patient_id, ...]}'
+                )
             text, ids = str(record["text"]).strip(), record["image_ids"]
             if not text:
                 raise DataError(f"{where}: empty text (text_id {record['text_id']!r})")
@@ -205,16 +216,19 @@ def read_retclip(path, split: str = "train", extract_dir=None) -> Manifest:
                 raise DataError(f"{where}: image_ids must be a non-empty list of patient ids")
             for patient in (str(i).strip() for i in ids):
                 if patient not in images:
-                    raise DataError(f"{where}: image id {patient!r} (text_id {record['text_id']!r}) has no line "
-                                    f"in {tsv}")
+                    raise DataError(
+                        f"{where}: image id {patient!r} (text_id {record['text_id']!r}) has no line in {tsv}"
+                    )
                 used.add(patient)
                 rows.append((patient, *images[patient], text, str(record["text_id"])))
     if not rows:
         raise DataError(f"{jsonl} has no texts")
     unused = [p for p in images if p not in used]
     if unused:
-        warnings.warn(f"{len(unused)} patient(s) of {tsv} have no text in {jsonl} and are left out, e.g. "
-                      f"{unused[:SHOW]}", stacklevel=2)
+        warnings.warn(
+            f"{len(unused)} patient(s) of {tsv} have no text in {jsonl} and are left out, e.g. {unused[:SHOW]}",
+            stacklevel=2,
+        )
     return _pairs(pd.DataFrame(rows, columns=[*PAIR_COLUMNS, "text_id"]), f"retclip-{tsv.stem}")
 
 
@@ -237,21 +251,30 @@ def read_pairs_csv(csv, image_dir=None, *, check_files: bool = True, skip_missin
     """
     path = Path(csv)
     df = read_table(path)
-    require_columns(df, CSV_COLUMNS, path, "A pairs CSV has one row per patient report: "
-                    "patient_id,left,right,report (left/right: image paths).")
+    require_columns(
+        df,
+        CSV_COLUMNS,
+        path,
+        "A pairs CSV has one row per patient report: patient_id,left,right,report (left/right: image paths).",
+    )
     for column in CSV_COLUMNS:
         empty = (df[column] == "").to_numpy()
         if empty.any():
             i = first_index(empty)
             what = "empty report" if column == "report" else f"empty {column!r}"
-            raise DataError(f"row {file_row(i)} of {path}: {what} ({int(empty.sum())} such row(s)); every row "
-                            "needs patient_id, left, right and a report. Fill or remove them.")
+            raise DataError(
+                f"row {file_row(i)} of {path}: {what} ({int(empty.sum())} such row(s)); every row "
+                "needs patient_id, left, right and a report. Fill or remove them."
+            )
     folder = Path(image_dir) if image_dir is not None else path.parent
     frame = df.drop(columns=CSV_COLUMNS).assign(
-        patient_id=df["patient_id"].map(clean_id), left_image=absolute_paths(folder, df["left"]),
-        right_image=absolute_paths(folder, df["right"]), text=df["report"], _row=np.arange(len(df)) + 2)
-    frame, skipped = check_image_files(frame, path, ["left_image", "right_image"], check_files, skip_missing,
-                                       image_dir)
+        patient_id=df["patient_id"].map(clean_id),
+        left_image=absolute_paths(folder, df["left"]),
+        right_image=absolute_paths(folder, df["right"]),
+        text=df["report"],
+        _row=np.arange(len(df)) + 2,
+    )
+    frame, skipped = check_image_files(frame, path, ["left_image", "right_image"], check_files, skip_missing, image_dir)
     return _pairs(frame, path.stem, skipped)
 
 
@@ -272,8 +295,15 @@ def odir_report(left_keywords: str, right_keywords: str, patient_labels=None) ->
     return text
 
 
-def odir_pairs(annotation, image_dir=None, *, labels=tuple(kl.ODIR_LABELS), patient_labels: bool = False,
-               check_files: bool = True, skip_missing: bool = False) -> Manifest:
+def odir_pairs(
+    annotation,
+    image_dir=None,
+    *,
+    labels=tuple(kl.ODIR_LABELS),
+    patient_labels: bool = False,
+    check_files: bool = True,
+    skip_missing: bool = False,
+) -> Manifest:
     """Image-report pairs from an ODIR-5K annotation (official columns; also what
     ``kfundus synth --layout odir`` writes).
 
@@ -299,15 +329,24 @@ def odir_pairs(annotation, image_dir=None, *, labels=tuple(kl.ODIR_LABELS), pati
     manifest = read_odir(annotation, image_dir, level="patient", check_files=check_files, skip_missing=skip_missing)
     frame = manifest.frame
     eyes = {side: keyword_labels(frame[f"{side}_keywords"]) for side in ("left", "right")}
-    reports = [odir_report(a, b, [c for c in kl.ODIR_LABELS if row[c]] if patient_labels else None)
-               for a, b, (_, row) in zip(frame["left_keywords"], frame["right_keywords"], frame.iterrows())]
-    table = pd.DataFrame({
-        "patient_id": frame["patient_id"].astype(str), "left_image": frame["left_image"],
-        "right_image": frame["right_image"], "text": reports,
-        **{c: frame[c].to_numpy() for c in kl.ODIR_LABELS},
-        "left_keywords": frame["left_keywords"], "right_keywords": frame["right_keywords"],
-        **{f"{side}_{c}": eyes[side][c].to_numpy() for side in ("left", "right") for c in labels},
-        "age": frame["age"], "sex": frame["sex"]})
+    reports = [
+        odir_report(a, b, [c for c in kl.ODIR_LABELS if row[c]] if patient_labels else None)
+        for a, b, (_, row) in zip(frame["left_keywords"], frame["right_keywords"], frame.iterrows())
+    ]
+    table = pd.DataFrame(
+        {
+            "patient_id": frame["patient_id"].astype(str),
+            "left_image": frame["left_image"],
+            "right_image": frame["right_image"],
+            "text": reports,
+            **{c: frame[c].to_numpy() for c in kl.ODIR_LABELS},
+            "left_keywords": frame["left_keywords"],
+            "right_keywords": frame["right_keywords"],
+            **{f"{side}_{c}": eyes[side][c].to_numpy() for side in ("left", "right") for c in labels},
+            "age": frame["age"],
+            "sex": frame["sex"],
+        }
+    )
     return _pairs(table, "odir-pairs", manifest.skipped, kl.ODIR_LABELS)
 
 
@@ -319,8 +358,10 @@ def load_pairs(kind: str, path, **options) -> Manifest:
     tsv; option ``split``, ``extract_dir``), ``csv`` (option ``image_dir``, ...), ``odir``
     (annotation file or the folder holding it; options of :func:`odir_pairs`)."""
     if kind not in PAIR_SOURCES:
-        raise ConfigError(f"data.source={kind!r} is not an image-report source; valid: {sorted(PAIR_SOURCES)} "
-                          "(e.g. --set data.source=odir)")
+        raise ConfigError(
+            f"data.source={kind!r} is not an image-report source; valid: {sorted(PAIR_SOURCES)} "
+            "(e.g. --set data.source=odir)"
+        )
     reader = PAIR_SOURCES[kind]
     check_reader_options(reader, options, f"pairs source {kind!r}")
     path = Path(path)

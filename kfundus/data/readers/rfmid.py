@@ -64,9 +64,17 @@ def read_rfmid(labels_csv, image_dir=None, *, view="46", check_files=True, skip_
     labels = list(kl.RFMID_46 if str(view) == "46" else kl.RIADD_29)
     image_dir = default_image_dir(image_dir, path.parent, _RFMID_SPLITS.get(split, ()), ids + ".png")
     names = image_file_names(ids, (".png", ".jpg", ".jpeg", ".tif"), image_dir, check_files)
-    frame = pd.DataFrame({"patient_id": [f"{split}-{i}" if split else i for i in ids],
-                          "image": absolute_paths(image_dir, names), "eye": "", **y[labels], "id": ids.to_numpy(),
-                          **({"split": split} if split else {}), "_row": np.arange(len(df)) + 2})
+    frame = pd.DataFrame(
+        {
+            "patient_id": [f"{split}-{i}" if split else i for i in ids],
+            "image": absolute_paths(image_dir, names),
+            "eye": "",
+            **y[labels],
+            "id": ids.to_numpy(),
+            **({"split": split} if split else {}),
+            "_row": np.arange(len(df)) + 2,
+        }
+    )
     frame, skipped = check_image_files(frame, path, ["image"], check_files, skip_missing, image_dir)
     return Manifest(frame, labels, "multilabel", "rfmid", skipped)
 
@@ -80,8 +88,10 @@ def read_rfmid_dir(root, *, view="46", check_files=True, skip_missing=False) -> 
     for csv in sorted(p for p in root.rglob("*.csv") if re.search(r"rfmid.*labels", p.name, re.I)):
         split = _rfmid_split(csv)
         if split in found:
-            raise DataError(f"two RFMiD tables for the {split} split: {found[split]} and {csv}; "
-                            "keep one, or read each with read_rfmid")
+            raise DataError(
+                f"two RFMiD tables for the {split} split: {found[split]} and {csv}; "
+                "keep one, or read each with read_rfmid"
+            )
         if split:
             found[split] = csv
     if not found:
@@ -89,8 +99,15 @@ def read_rfmid_dir(root, *, view="46", check_files=True, skip_missing=False) -> 
     absent = [s for s in _RFMID_SPLITS if s not in found]
     if absent:
         warnings.warn(f"{root}: no RFMiD label table for the split(s) {absent}", stacklevel=2)
-    parts = [read_rfmid(found[s], view=view, check_files=check_files, skip_missing=skip_missing)
-             for s in _RFMID_SPLITS if s in found]
-    return Manifest(pd.concat([p.frame for p in parts], ignore_index=True), parts[0].labels, "multilabel",
-                    "rfmid", pd.concat([p.skipped for p in parts], ignore_index=True))
-
+    parts = [
+        read_rfmid(found[s], view=view, check_files=check_files, skip_missing=skip_missing)
+        for s in _RFMID_SPLITS
+        if s in found
+    ]
+    return Manifest(
+        pd.concat([p.frame for p in parts], ignore_index=True),
+        parts[0].labels,
+        "multilabel",
+        "rfmid",
+        pd.concat([p.skipped for p in parts], ignore_index=True),
+    )

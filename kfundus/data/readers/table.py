@@ -33,7 +33,7 @@ def read_table(path: Path) -> pd.DataFrame:
             df = pd.read_excel(path, dtype=str, engine="openpyxl")
         else:
             df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as error:  # noqa: BLE001 - re-raised with the file named
+    except Exception as error:
         raise DataError(f"cannot read the label table {path}: {error}") from error
     df.columns = [str(c).strip() for c in df.columns]
     df = df.fillna("").astype(str).apply(lambda column: column.str.strip())
@@ -61,9 +61,11 @@ def int_column(df, column, path, high=1, what="label value") -> np.ndarray:
     bad = ~values.isin(range(high + 1)).to_numpy()
     if bad.any():
         i = first_index(bad)
-        raise DataError(f"row {file_row(i)} of {path}, column {column!r}: {what} {df[column].iloc[i]!r} is not "
-                        f"{'0 or 1' if high == 1 else f'an integer 0-{high}'} ({int(bad.sum())} such cell(s) "
-                        "in that column). Fix the table.")
+        raise DataError(
+            f"row {file_row(i)} of {path}, column {column!r}: {what} {df[column].iloc[i]!r} is not "
+            f"{'0 or 1' if high == 1 else f'an integer 0-{high}'} ({int(bad.sum())} such cell(s) "
+            "in that column). Fix the table."
+        )
     return values.astype("int64").to_numpy()
 
 
@@ -76,8 +78,10 @@ def require_unique(values: pd.Series, path, what: str):
     if dup.any():
         names = list(dict.fromkeys(values[dup]))[:SHOW]
         rows = [file_row(i) for i in np.flatnonzero(dup)][: 2 * SHOW]
-        raise DataError(f"{path}: duplicate {what}(s) {names} (rows {rows}). Each {what} must appear once: "
-                        "remove or rename the duplicate rows.")
+        raise DataError(
+            f"{path}: duplicate {what}(s) {names} (rows {rows}). Each {what} must appear once: "
+            "remove or rename the duplicate rows."
+        )
 
 
 def clean_id(value) -> str:
@@ -102,11 +106,13 @@ def absolute_paths(folder, names) -> list[str]:
 def image_file_names(stems, extensions, folder, check) -> list[str]:
     """File names for ids: ``stem + extensions[0]``, or with ``check`` the first extension
     whose file exists; a stem that has an image extension already is kept."""
+
     def name(stem):
         if stem.lower().endswith(IMAGE_EXTENSIONS):
             return stem
         found = [stem + e for e in extensions if check and os.path.isfile(os.path.join(folder, stem + e))]
         return (found or [stem + extensions[0]])[0]
+
     return [name(str(stem)) for stem in stems]
 
 
@@ -117,24 +123,40 @@ def check_image_files(frame, path, image_columns, check_files, skip_missing, ima
         missing = {c: ~frame[c].map(os.path.isfile).to_numpy(dtype=bool) for c in image_columns}
         any_missing = np.logical_or.reduce(list(missing.values()))
         if any_missing.any():
-            found = [(int(frame["_row"].iloc[i]), frame[c].iloc[i])
-                     for i in np.flatnonzero(any_missing) for c in image_columns if missing[c][i]]
+            found = [
+                (int(frame["_row"].iloc[i]), frame[c].iloc[i])
+                for i in np.flatnonzero(any_missing)
+                for c in image_columns
+                if missing[c][i]
+            ]
             if not skip_missing:
                 listed = "\n  ".join(f"row {r}: {p}" for r, p in found[:SHOW])
                 where = f" (image_dir={image_dir})" if image_dir is not None else ""
-                raise DataError(f"{len(found)} image file(s) named in {path} do not exist{where}, e.g.\n  "
-                                f"{listed}\nFix: point image_dir at the folder that holds the images, or pass "
-                                "skip_missing=True to drop these rows (they are listed in manifest.skipped).")
-            skipped = pd.DataFrame({"path": [p for _, p in found],
-                                    "reason": [f"image file not found (row {r} of {path})" for r, _ in found]})
-            warnings.warn(f"skipped {int(any_missing.sum())} row(s) of {path} whose image files are "
-                          "missing; see manifest.skipped", stacklevel=3)
+                raise DataError(
+                    f"{len(found)} image file(s) named in {path} do not exist{where}, e.g.\n  "
+                    f"{listed}\nFix: point image_dir at the folder that holds the images, or pass "
+                    "skip_missing=True to drop these rows (they are listed in manifest.skipped)."
+                )
+            skipped = pd.DataFrame(
+                {
+                    "path": [p for _, p in found],
+                    "reason": [f"image file not found (row {r} of {path})" for r, _ in found],
+                }
+            )
+            warnings.warn(
+                f"skipped {int(any_missing.sum())} row(s) of {path} whose image files are "
+                "missing; see manifest.skipped",
+                stacklevel=3,
+            )
             frame = frame[~any_missing]
     return frame.drop(columns="_row").reset_index(drop=True), skipped
 
 
-LABEL_FILES = {"odir": ["annotation.csv", "*.xlsx", "*.csv"], "odir_kaggle": ["full_df.csv", "*.csv"],
-                "dr": ["trainLabels.csv", "train.csv", "test.csv", "*.csv"]}
+LABEL_FILES = {
+    "odir": ["annotation.csv", "*.xlsx", "*.csv"],
+    "odir_kaggle": ["full_df.csv", "*.csv"],
+    "dr": ["trainLabels.csv", "train.csv", "test.csv", "*.csv"],
+}
 
 
 def find_label_file(kind: str, folder: Path) -> Path:
@@ -143,10 +165,12 @@ def find_label_file(kind: str, folder: Path) -> Path:
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
-            raise DataError(f"{folder} holds several label tables {[p.name for p in found]}: "
-                            "give the file itself as path")
-    raise DataError(f"no label table for source {kind!r} in {folder} (looked for {LABEL_FILES[kind]}): "
-                    "give the file itself as path")
+            raise DataError(
+                f"{folder} holds several label tables {[p.name for p in found]}: give the file itself as path"
+            )
+    raise DataError(
+        f"no label table for source {kind!r} in {folder} (looked for {LABEL_FILES[kind]}): give the file itself as path"
+    )
 
 
 def check_reader_options(reader, options: dict, what: str, extra=()) -> None:

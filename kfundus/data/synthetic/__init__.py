@@ -11,5 +11,16 @@ from kfundus.data.synthetic.hr import make_hrdc, render_hr_eye
 from kfundus.data.synthetic.oct import make_oct, render_bscan
 from kfundus.data.synthetic.render import render_eye
 
-__all__ = ["load_masks", "make_arrays", "make_dr", "make_hrdc", "make_oct", "make_odir", "make_rfmid",
-           "render_bscan", "render_dr_grade", "render_eye", "render_hr_eye"]
+__all__ = [
+    "load_masks",
+    "make_arrays",
+    "make_dr",
+    "make_hrdc",
+    "make_oct",
+    "make_odir",
+    "make_rfmid",
+    "render_bscan",
+    "render_dr_grade",
+    "render_eye",
+    "render_hr_eye",
+]

@@ -25,28 +25,41 @@ from PIL import Image
 
 from kfundus.data.synthetic.render import DISEASES, eye_seed, render_eye
 from kfundus.errors import DataError
-from kfundus.labels import RFMID_46, ODIR_LABELS, odir_keywords_to_labels, odir_patient_labels
+from kfundus.labels import ODIR_LABELS, RFMID_46, odir_keywords_to_labels, odir_patient_labels
 
-ODIR_COLUMNS = ["ID", "Patient Age", "Patient Sex", "Left-Fundus", "Right-Fundus",
-                "Left-Diagnostic Keywords", "Right-Diagnostic Keywords", *ODIR_LABELS]
+ODIR_COLUMNS = [
+    "ID",
+    "Patient Age",
+    "Patient Sex",
+    "Left-Fundus",
+    "Right-Fundus",
+    "Left-Diagnostic Keywords",
+    "Right-Diagnostic Keywords",
+    *ODIR_LABELS,
+]
 # "N": share of normal patients; a disease: chance that an abnormal patient has it (at
 # least one is always drawn). About 25 of 100 patients have D, 20 G and C, 13 A, H and M.
-DEFAULT_PREVALENCE = {"N": 0.33, "D": 0.35, "G": 0.3, "C": 0.3, "A": 0.2, "H": 0.2, "M": 0.2,
-                      "O": 0.15}
+DEFAULT_PREVALENCE = {"N": 0.33, "D": 0.35, "G": 0.3, "C": 0.3, "A": 0.2, "H": 0.2, "M": 0.2, "O": 0.15}
 BILATERAL = {"D": 0.8, "G": 0.7, "C": 0.6, "A": 0.7, "H": 0.85, "M": 0.85, "O": 0.3}
 # ODIR keywords written for each finding (D: by grade 1-3).
 KEYWORDS = {
-    "D": ["mild nonproliferative retinopathy", "moderate non proliferative retinopathy",
-          "severe nonproliferative retinopathy"],
-    "G": ["glaucoma"] * 3 + ["suspected glaucoma"], "C": ["cataract"],
+    "D": [
+        "mild nonproliferative retinopathy",
+        "moderate non proliferative retinopathy",
+        "severe nonproliferative retinopathy",
+    ],
+    "G": ["glaucoma"] * 3 + ["suspected glaucoma"],
+    "C": ["cataract"],
     "A": ["dry age-related macular degeneration"] * 2 + ["wet age-related macular degeneration"],
-    "H": ["hypertensive retinopathy"], "M": ["pathological myopia"],
+    "H": ["hypertensive retinopathy"],
+    "M": ["pathological myopia"],
     "O": ["laser spot", "chorioretinal atrophy", "retinal pigmentation"],
 }
 # Findings -> RFMiD columns (C shows as media haze; the O scar as laser scars).
-RFMID_MAP = {"D": ["DR"], "G": ["ODC"], "C": ["MH"], "A": ["ARMD"], "H": ["HR"],
-             "M": ["MYA", "TSLN"], "O": ["LS"]}
+RFMID_MAP = {"D": ["DR"], "G": ["ODC"], "C": ["MH"], "A": ["ARMD"], "H": ["HR"], "M": ["MYA", "TSLN"], "O": ["LS"]}
 RFMID_SPLITS = ("Training", "Validation", "Testing")
+
+
 def make_arrays(n, *, size=64, labels=("D", "G", "C"), prevalence=0.35, seed=0, aspect=1.0):
     """Render ``n`` eyes in memory (random sides), each label present independently with
     probability ``prevalence``: learnable data for model tests, without files.
@@ -57,8 +70,10 @@ def make_arrays(n, *, size=64, labels=("D", "G", "C"), prevalence=0.35, seed=0, 
     rng = np.random.default_rng(seed)
     y = (rng.random((n, len(labels))) < prevalence).astype(np.float32)
     sides, seeds = rng.choice(["left", "right"], n), rng.integers(0, 2**31, n)
-    x = [render_eye({k for k, on in zip(labels, row) if on}, size=size, eye=str(side),
-                    seed=int(s), aspect=aspect)[0] for row, side, s in zip(y, sides, seeds)]
+    x = [
+        render_eye({k for k, on in zip(labels, row) if on}, size=size, eye=str(side), seed=int(s), aspect=aspect)[0]
+        for row, side, s in zip(y, sides, seeds)
+    ]
     return np.stack(x), y
 
 
@@ -82,8 +97,11 @@ def _draw_findings(rng, prevalence):
 def _keywords(rng, findings, grade):
     """One eye's ODIR keyword cell: a keyword per finding, or "normal fundus"; sometimes
     "lens dust" besides; joined by a full-width comma (mostly, as in ODIR) or a comma."""
-    words = [KEYWORDS[k][grade - 1] if k == "D" else KEYWORDS[k][rng.integers(len(KEYWORDS[k]))]
-             for k in DISEASES if k in findings]
+    words = [
+        KEYWORDS[k][grade - 1] if k == "D" else KEYWORDS[k][rng.integers(len(KEYWORDS[k]))]
+        for k in DISEASES
+        if k in findings
+    ]
     rng.shuffle(words)
     words = words or ["normal fundus"]
     if rng.random() < 0.08:
@@ -107,8 +125,9 @@ def _save_masks(path, masks):
     np.savez_compressed(path, **masks)
 
 
-def make_odir(out_dir, *, n_patients=100, size=128, seed=0, prevalence=None, aspect=1.0,
-              jpeg_quality=92, write_masks=True) -> Path:
+def make_odir(
+    out_dir, *, n_patients=100, size=128, seed=0, prevalence=None, aspect=1.0, jpeg_quality=92, write_masks=True
+) -> Path:
     """Write a synthetic dataset in the ODIR-5K layout.
 
     Writes ``images/{ID}_left.jpg`` and ``{ID}_right.jpg``; ``annotation.csv`` with the
@@ -142,21 +161,29 @@ def make_odir(out_dir, *, n_patients=100, size=128, seed=0, prevalence=None, asp
         age = int(np.clip(rng.normal(58, 11) + 8 * ("A" in findings[0] | findings[1]), 20, 90))
         sex = ("Male", "Female")[int(rng.integers(2))]
         for side, found in zip(("left", "right"), findings):
-            image, masks = render_eye(found, size=size, eye=side, aspect=aspect, dr_grade=grade,
-                                      seed=eye_seed(seed, pid, side == "right"))
-            Image.fromarray(image).save(out_dir / "images" / f"{pid}_{side}.jpg",
-                                        quality=jpeg_quality)
+            image, masks = render_eye(
+                found, size=size, eye=side, aspect=aspect, dr_grade=grade, seed=eye_seed(seed, pid, side == "right")
+            )
+            Image.fromarray(image).save(out_dir / "images" / f"{pid}_{side}.jpg", quality=jpeg_quality)
             if write_masks:
                 _save_masks(out_dir / "masks" / f"{pid}_{side}.npz", masks)
         labels = odir_patient_labels(*(odir_keywords_to_labels(cell) for cell in cells))
-        rows.append([pid, age, sex, f"{pid}_left.jpg", f"{pid}_right.jpg", *cells,
-                     *(labels[k] for k in ODIR_LABELS)])
+        rows.append([pid, age, sex, f"{pid}_left.jpg", f"{pid}_right.jpg", *cells, *(labels[k] for k in ODIR_LABELS)])
     pd.DataFrame(rows, columns=ODIR_COLUMNS).to_csv(out_dir / "annotation.csv", index=False)
     return out_dir
 
 
-def make_rfmid(out_dir, *, n_images=60, size=128, seed=0, split_fractions=(0.6, 0.2, 0.2),
-               prevalence=None, aspect=1.0, write_masks=True) -> Path:
+def make_rfmid(
+    out_dir,
+    *,
+    n_images=60,
+    size=128,
+    seed=0,
+    split_fractions=(0.6, 0.2, 0.2),
+    prevalence=None,
+    aspect=1.0,
+    write_masks=True,
+) -> Path:
     """Write a synthetic dataset in the RFMiD layout.
 
     Writes ``RFMiD_{split}_Labels.csv`` (``ID`` + :data:`kfundus.labels.RFMID_46`; IDs
@@ -189,16 +216,17 @@ def make_rfmid(out_dir, *, n_images=60, size=128, seed=0, split_fractions=(0.6, 
         for image_id in range(1, count + 1):
             found = _draw_findings(rng, prevalence)[int(rng.integers(2))]
             side = "left" if rng.random() < 0.5 else "right"
-            image, masks = render_eye(found, size=size, eye=side, aspect=aspect,
-                                      seed=eye_seed(seed, 7, number, image_id))
+            image, masks = render_eye(
+                found, size=size, eye=side, aspect=aspect, seed=eye_seed(seed, 7, number, image_id)
+            )
             Image.fromarray(image).save(out_dir / split / f"{image_id}.png")
             columns = {c: masks[k] for k in found for c in RFMID_MAP[k]}
             if write_masks:
                 _save_masks(out_dir / "masks" / split / f"{image_id}.npz", columns)
-            rows.append({"ID": image_id, "Disease_Risk": int(bool(found)),
-                         **{c: int(c in columns) for c in RFMID_46[1:]}})
-        pd.DataFrame(rows, columns=["ID", *RFMID_46]).to_csv(
-            out_dir / f"RFMiD_{split}_Labels.csv", index=False)
+            rows.append(
+                {"ID": image_id, "Disease_Risk": int(bool(found)), **{c: int(c in columns) for c in RFMID_46[1:]}}
+            )
+        pd.DataFrame(rows, columns=["ID", *RFMID_46]).to_csv(out_dir / f"RFMiD_{split}_Labels.csv", index=False)
     return out_dir
 
 
@@ -215,13 +243,11 @@ def render_dr_grade(grade: int, *, size=128, eye="left", seed=0, aspect=1.0) -> 
     if grade not in range(5):
         raise ValueError(f"grade must be 0-4, got {grade!r}")
     findings = set() if grade == 0 else ({"D", "O"} if grade == 4 else {"D"})
-    image, _ = render_eye(findings, size=size, eye=eye, seed=seed, aspect=aspect,
-                          dr_grade=min(max(grade, 1), 3))
+    image, _ = render_eye(findings, size=size, eye=eye, seed=seed, aspect=aspect, dr_grade=min(max(grade, 1), 3))
     return image
 
 
-def make_dr(out_dir, *, n_patients=100, size=128, seed=0, shares=DR_GRADE_SHARES, aspect=1.0,
-            jpeg_quality=92) -> Path:
+def make_dr(out_dir, *, n_patients=100, size=128, seed=0, shares=DR_GRADE_SHARES, aspect=1.0, jpeg_quality=92) -> Path:
     """Write a synthetic DR-grading dataset in the Kaggle EyePACS layout:
     ``trainLabels.csv`` (``image,level``) and ``train/{patient}_{left,right}.jpeg``.
 
@@ -239,8 +265,9 @@ def make_dr(out_dir, *, n_patients=100, size=128, seed=0, shares=DR_GRADE_SHARES
         first = int(rng.choice(5, p=shares / shares.sum()))
         second = int(np.clip(first + rng.integers(-1, 2), 0, 4)) if rng.random() < 0.5 else first
         for side, grade in zip(("left", "right"), (first, second)):
-            image = render_dr_grade(grade, size=size, eye=side, aspect=aspect,
-                                    seed=eye_seed(seed, 30, pid, side == "right"))
+            image = render_dr_grade(
+                grade, size=size, eye=side, aspect=aspect, seed=eye_seed(seed, 30, pid, side == "right")
+            )
             Image.fromarray(image).save(out_dir / "train" / f"{pid}_{side}.jpeg", quality=jpeg_quality)
             rows.append({"image": f"{pid}_{side}", "level": grade})
     pd.DataFrame(rows).to_csv(out_dir / "trainLabels.csv", index=False)
@@ -262,12 +289,15 @@ def load_masks(out_dir, image_path) -> dict[str, np.ndarray]:
     try:
         rel = (path if path.is_absolute() else out_dir / path).resolve().relative_to(out_dir)
     except ValueError:
-        raise DataError(f"image {image_path} is not inside the synthetic dataset {out_dir}: "
-                        "pass the folder it was generated in") from None
+        raise DataError(
+            f"image {image_path} is not inside the synthetic dataset {out_dir}: pass the folder it was generated in"
+        ) from None
     parts = rel.parts[1:] if rel.parts[:1] == ("images",) else rel.parts
     mask_path = out_dir.joinpath("masks", *parts).with_suffix(".npz")
     if not mask_path.exists():
-        raise DataError(f"no mask file {mask_path} for image {image_path}: generate the dataset "
-                        "with masks (write_masks=True; the CLI without --no-masks)")
+        raise DataError(
+            f"no mask file {mask_path} for image {image_path}: generate the dataset "
+            "with masks (write_masks=True; the CLI without --no-masks)"
+        )
     with np.load(mask_path) as data:
         return {key: data[key].astype(bool) for key in data.files}

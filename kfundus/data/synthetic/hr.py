@@ -68,8 +68,18 @@ def render_hr_eye(hypertensive: bool, *, size=64, eye="right", seed=0, nuisance=
     return np.ascontiguousarray(out[:, ::-1]) if eye == "left" else out
 
 
-def make_hrdc(out_dir, *, n_images=200, size=64, seed=0, prevalence=0.5, eyes="right", nuisance=0.3,
-              decoy_flames=0.5, column="Hypertensive") -> Path:
+def make_hrdc(
+    out_dir,
+    *,
+    n_images=200,
+    size=64,
+    seed=0,
+    prevalence=0.5,
+    eyes="right",
+    nuisance=0.3,
+    decoy_flames=0.5,
+    column="Hypertensive",
+) -> Path:
     """Write a synthetic CGI-HRDC-layout dataset (see the module docstring).
 
     Args:
@@ -96,8 +106,9 @@ def make_hrdc(out_dir, *, n_images=200, size=64, seed=0, prevalence=0.5, eyes="r
     rows = []
     for i, label in enumerate(labels):
         side = "right" if eyes == "right" else str(rng.choice(["left", "right"]))
-        image = render_hr_eye(bool(label), size=size, eye=side, seed=eye_seed(seed, 70, i), nuisance=nuisance,
-                              decoy_flames=decoy_flames)
+        image = render_hr_eye(
+            bool(label), size=size, eye=side, seed=eye_seed(seed, 70, i), nuisance=nuisance, decoy_flames=decoy_flames
+        )
         name = f"{i:05d}.png"
         Image.fromarray(image).save(out_dir / HRDC_IMAGES / name)
         rows.append({"Image": name, column: int(label)})

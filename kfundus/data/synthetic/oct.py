@@ -12,7 +12,6 @@ from PIL import Image, ImageFilter
 
 from kfundus.data.synthetic.render import eye_seed
 
-
 # Retinal layers between the inner limiting membrane (t = 0) and the top of the retinal
 # pigment epithelium (t = 1), and their reflectivity: NFL, GCL+IPL, INL, OPL, ONL, ELM +
 # ellipsoid zone, outer segments, interdigitation zone.
@@ -57,12 +56,20 @@ def render_bscan(label: str = "NORMAL", *, size=128, seed=0, aspect=1.0) -> np.n
         pit = pit * 0.4
     elif label == "DME":
         pit = pit * 0.15 - find.uniform(0.06, 0.1) * np.exp(-(((x - xf) / 0.15) ** 2))
-        cysts = [(xf + find.uniform(-0.18, 0.18), find.uniform(0.3, 0.75), find.uniform(0.02, 0.045),
-                  find.uniform(0.15, 0.3)) for _ in range(int(find.integers(3, 8)))]
+        cysts = [
+            (
+                xf + find.uniform(-0.18, 0.18),
+                find.uniform(0.3, 0.75),
+                find.uniform(0.02, 0.045),
+                find.uniform(0.15, 0.3),
+            )
+            for _ in range(int(find.integers(3, 8)))
+        ]
     elif label == "DRUSEN":
         for _ in range(int(find.integers(2, 6))):
             lift = lift + find.uniform(0.035, 0.06) * np.exp(
-                -(((x - find.uniform(0.2, 0.8)) / find.uniform(0.025, 0.045)) ** 2))
+                -(((x - find.uniform(0.2, 0.8)) / find.uniform(0.025, 0.045)) ** 2)
+            )
     top_rpe = rpe - lift
     ilm = rpe - thick + pit - (0.9 if label == "CNV" else 0.5) * lift
     t = (y - ilm) / (top_rpe - ilm)
@@ -83,7 +90,8 @@ def render_bscan(label: str = "NORMAL", *, size=128, seed=0, aspect=1.0) -> np.n
     below = np.maximum(bruch, top_rpe + rpe_h)
     img = np.where(y >= below, 0.55 * np.exp(-(y - below) / 0.1) * texture, img)
     blurred = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).filter(
-        ImageFilter.GaussianBlur(0.35 * size / 128))
+        ImageFilter.GaussianBlur(0.35 * size / 128)
+    )
     img = np.asarray(blurred, dtype=np.float32) / 255.0
     img = img * rng.gamma(4.0, 0.25, img.shape) * rng.uniform(0.8, 1.1) + rng.normal(0, 0.02, img.shape)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
@@ -96,8 +104,18 @@ def _smooth_field(rng, h, w, cells=(4, 16)):
     return field / (np.abs(field).max() + 1e-6)
 
 
-def make_oct(out_dir, *, n_patients=40, images_per_patient=2, size=128, seed=0, test_fraction=0.2,
-             classes=None, aspect=1.0, jpeg_quality=90) -> Path:
+def make_oct(
+    out_dir,
+    *,
+    n_patients=40,
+    images_per_patient=2,
+    size=128,
+    seed=0,
+    test_fraction=0.2,
+    classes=None,
+    aspect=1.0,
+    jpeg_quality=90,
+) -> Path:
     """Write synthetic OCT B-scans in the Kermany et al. 2018 layout:
     ``{train,test}/{CNV,DME,DRUSEN,NORMAL}/{CLASS}-{patient}-{n}.jpeg`` (greyscale JPEG).
 
@@ -122,6 +140,7 @@ def make_oct(out_dir, *, n_patients=40, images_per_patient=2, size=128, seed=0, 
             folder.mkdir(parents=True, exist_ok=True)
             for k in range(1, images_per_patient + 1):
                 image = render_bscan(label, size=size, seed=eye_seed(seed, 40, int(p), k), aspect=aspect)
-                Image.fromarray(image, mode="L").save(folder / f"{label}-{1000001 + int(p)}-{k}.jpeg",
-                                                      quality=jpeg_quality)
+                Image.fromarray(image, mode="L").save(
+                    folder / f"{label}-{1000001 + int(p)}-{k}.jpeg", quality=jpeg_quality
+                )
     return out_dir

@@ -50,7 +50,7 @@ class Eye:
         self.cy = self.h / 2 + rng.uniform(-0.02, 0.02) * size
         angle = np.deg2rad(rng.uniform(-12, 12))
         self.cos, self.sin = np.cos(angle), np.sin(angle)
-        yy, xx = np.mgrid[0:self.h, 0:self.w].astype(np.float32) + 0.5
+        yy, xx = np.mgrid[0 : self.h, 0 : self.w].astype(np.float32) + 0.5
         dx, dy = (xx - self.cx) / self.r, (yy - self.cy) / self.r
         self.u, self.v = self.cos * dx + self.sin * dy, -self.sin * dx + self.cos * dy
         self.rho = np.hypot(dx, dy)
@@ -79,7 +79,7 @@ class Eye:
 
     def dot(self, draw, centre, radius, stretch=1.0):
         """An ellipse of ``radius`` FOV radii (at least 0.6 pixel)."""
-        (x, y), = self.to_px(centre)
+        ((x, y),) = self.to_px(centre)
         rx = max(radius * self.r, 0.6) * _SS
         draw.ellipse([x - rx, y - rx * stretch, x + rx, y + rx * stretch], fill=255)
 
@@ -126,9 +126,16 @@ def _vessel_tree(rng, eye, hypertensive):
     Returns a list of ``(points (n, 2), width, is_artery)`` in canonical units."""
     hp = np.pi / 2
     # heading, turn, turn decay, length, relative width of the trunks
-    trunks = np.array([(-hp - 0.25, -2.4, 0.7, 1.8, 1.0), (hp + 0.25, 2.4, 0.7, 1.8, 1.0),
-                       (-hp + 0.3, 1.0, 1.0, 1.0, 0.8), (hp - 0.3, -1.0, 1.0, 1.0, 0.8),
-                       (0.0, 0.0, 1.0, 0.7, 0.6)] * 2)
+    trunks = np.array(
+        [
+            (-hp - 0.25, -2.4, 0.7, 1.8, 1.0),
+            (hp + 0.25, 2.4, 0.7, 1.8, 1.0),
+            (-hp + 0.3, 1.0, 1.0, 1.0, 0.8),
+            (hp - 0.3, -1.0, 1.0, 1.0, 0.8),
+            (0.0, 0.0, 1.0, 0.7, 0.6),
+        ]
+        * 2
+    )
     k = len(trunks)
     artery = np.repeat([False, True], k // 2)
     straight = np.where(artery & hypertensive, 0.35, 1.0)
@@ -149,22 +156,22 @@ def _vessel_tree(rng, eye, hypertensive):
         heads = np.array([path[1][i] for path, i in where]) + side * angle
         st = np.array([parents[j][3] for j in idx])
         paths = _walks(rng, starts, heads, length, side * bturn * st, 0.8 * st, np.ones(m))
-        parents = [(p, parents[j][1] * f, parents[j][2], parents[j][3])
-                   for p, j, f in zip(paths, idx, shrink)]
+        parents = [(p, parents[j][1] * f, parents[j][2], parents[j][3]) for p, j, f in zip(paths, idx, shrink)]
         vessels = vessels + parents
     return [(path[0], width, bool(art)) for path, width, art, _ in vessels]
 
 
 def _draw_vessels(eye, vessels):
     """Vein and artery alpha maps (tapering polylines, drawn supersampled)."""
-    px = np.split(eye.to_px(np.concatenate([p for p, _, _ in vessels])),
-                  np.cumsum([len(p) for p, _, _ in vessels])[:-1])
+    px = np.split(
+        eye.to_px(np.concatenate([p for p, _, _ in vessels])), np.cumsum([len(p) for p, _, _ in vessels])[:-1]
+    )
     out = {}
     for artery in (False, True):
         image, draw = eye.canvas()
         for (_, width, is_artery), xy in zip(vessels, px):
             half = len(xy) // 2 + 1
-            for part, taper in ((xy[:half], 1.0), (xy[half - 1:], 0.75)):
+            for part, taper in ((xy[:half], 1.0), (xy[half - 1 :], 0.75)):
                 if is_artery == artery and len(part) > 1:
                     w = max(1, int(round(width * taper * eye.r * _SS)))
                     draw.line(part.ravel().tolist(), fill=255, width=w, joint="curve")
@@ -193,8 +200,7 @@ def _drusen(rng, eye):
     image, draw = eye.canvas()
     n = int(rng.integers(12, 36))
     t, rr = rng.uniform(0, 2 * np.pi, n), np.minimum(np.abs(rng.normal(0, 0.15, n)), 0.35)
-    for centre, radius in zip(eye.macula + np.stack([rr * np.cos(t), rr * np.sin(t)], 1),
-                              rng.uniform(0.015, 0.04, n)):
+    for centre, radius in zip(eye.macula + np.stack([rr * np.cos(t), rr * np.sin(t)], 1), rng.uniform(0.015, 0.04, n)):
         eye.dot(draw, centre, radius)
     return eye.alpha(image, blur=0.008)
 
@@ -207,8 +213,12 @@ def _flames(rng, eye):
         t = rng.choice([-1.0, 1.0]) * rng.uniform(0.6, 2.4)
         d, length, width = rng.uniform(0.2, 0.55), rng.uniform(0.07, 0.12), rng.uniform(0.02, 0.03)
         along = np.array([np.cos(t), np.sin(t)])
-        pts = (eye.disc + d * along + np.outer(length * np.cos(s), along)
-               + np.outer(width * np.sin(s), [-along[1], along[0]]))
+        pts = (
+            eye.disc
+            + d * along
+            + np.outer(length * np.cos(s), along)
+            + np.outer(width * np.sin(s), [-along[1], along[0]])
+        )
         draw.polygon(eye.to_px(pts).ravel().tolist(), fill=255)
     return eye.alpha(image)
 
@@ -227,8 +237,9 @@ def _scar(rng, eye):
     pigment, draw = eye.canvas()
     n = int(rng.integers(10, 18))
     t, f = rng.uniform(0, 2 * np.pi, n), np.sqrt(rng.uniform(0.0, 1.0, n))
-    for clump, size in zip(centre + radius * np.stack([f * np.cos(t), f * np.sin(t)], 1),
-                           rng.uniform(0.2, 0.35, n) * radius):
+    for clump, size in zip(
+        centre + radius * np.stack([f * np.cos(t), f * np.sin(t)], 1), rng.uniform(0.2, 0.35, n) * radius
+    ):
         eye.dot(draw, clump, size)
     return eye.alpha(pale, blur=0.006), eye.alpha(pigment)
 
@@ -287,7 +298,7 @@ def render_eye(findings=(), *, size=128, eye="left", seed=0, aspect=1.0, dr_grad
     geo = Eye(rng, size, aspect)
     fov, masks = geo.rho <= 1, {}
     # background: reddish-orange, vignetting, an illumination gradient, choroidal texture
-    base = np.array([rng.uniform(.72, .92), rng.uniform(.28, .42), rng.uniform(.08, .18)], np.float32)
+    base = np.array([rng.uniform(0.72, 0.92), rng.uniform(0.28, 0.42), rng.uniform(0.08, 0.18)], np.float32)
     g = rng.normal(0, 0.08, 2)
     illum = (1 - rng.uniform(0.25, 0.45) * geo.rho**2.2) * (1 + g[0] * geo.u + g[1] * geo.v)
     img = base * (illum * (1 + 0.05 * _smooth_noise(rng, geo, 8)))[..., None]
@@ -297,7 +308,7 @@ def render_eye(findings=(), *, size=128, eye="left", seed=0, aspect=1.0, dr_grad
         img *= 1 - 0.42 * dark[..., None] * np.array([0.45, 0.65, 0.55], np.float32)
         blend(img, illum, crescent, (0.97, 0.86, 0.68), 0.9)
         masks["M"] = fov
-    macula = np.exp(-np.hypot(geo.u - geo.macula[0], geo.v - geo.macula[1]) ** 2 / (2 * 0.14**2))
+    macula = np.exp(-(np.hypot(geo.u - geo.macula[0], geo.v - geo.macula[1]) ** 2) / (2 * 0.14**2))
     img *= 1 - macula[..., None] * np.array([0.3, 0.45, 0.35], np.float32)
     if "A" in findings:
         alpha = _drusen(rngs["A"], geo)

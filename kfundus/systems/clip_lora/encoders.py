@@ -35,14 +35,30 @@ VIT_MEAN = [0.5, 0.5, 0.5]  # keras-hub's ViT presets scale to [-1, 1]
 VIT_STD = [0.5, 0.5, 0.5]
 
 # Random-initialisation sizes (ViT-B/16, as CLIP ViT-B/16 and ViT-Base have).
-CLIP_B16 = {"patch_size": 16, "hidden_dim": 768, "num_layers": 12, "num_heads": 12,
-            "intermediate_dim": 3072, "intermediate_activation": "quick_gelu"}
+CLIP_B16 = {
+    "patch_size": 16,
+    "hidden_dim": 768,
+    "num_layers": 12,
+    "num_heads": 12,
+    "intermediate_dim": 3072,
+    "intermediate_activation": "quick_gelu",
+}
 VIT_B16 = {"patch_size": 16, "hidden_dim": 768, "num_layers": 12, "num_heads": 12, "mlp_dim": 3072}
 FAMILIES = {
-    "clip": {"cls": "CLIPVisionEncoder", "config": CLIP_B16, "mean": CLIP_MEAN, "std": CLIP_STD,
-             "example": "clip_vit_base_patch16"},
-    "vit": {"cls": "ViTBackbone", "config": VIT_B16, "mean": VIT_MEAN, "std": VIT_STD,
-            "example": "vit_base_patch16_224_imagenet"},
+    "clip": {
+        "cls": "CLIPVisionEncoder",
+        "config": CLIP_B16,
+        "mean": CLIP_MEAN,
+        "std": CLIP_STD,
+        "example": "clip_vit_base_patch16",
+    },
+    "vit": {
+        "cls": "ViTBackbone",
+        "config": VIT_B16,
+        "mean": VIT_MEAN,
+        "std": VIT_STD,
+        "example": "vit_base_patch16_224_imagenet",
+    },
 }
 ENCODER_NAME = "encoder"
 
@@ -79,7 +95,9 @@ def build_encoder(family: str, image_size: int, encoder_config: dict | None = No
         import inspect
 
         valid = sorted(set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs", "image_shape"})
-        raise ConfigError(f"model.options.encoder_config={encoder_config}: {exc}; {cls.__name__} takes {valid}") from exc
+        raise ConfigError(
+            f"model.options.encoder_config={encoder_config}: {exc}; {cls.__name__} takes {valid}"
+        ) from exc
     except ValueError as exc:
         raise ConfigError(f"model.options.encoder_config={encoder_config} at image size {image_size}: {exc}") from exc
     _fix_position_ids(encoder)
@@ -103,13 +121,17 @@ def load_encoder(family: str, weights: str | None, image_size: int, encoder_conf
     if weights is None:
         return build_encoder(family, image_size, encoder_config)
     if encoder_config:
-        raise ConfigError(f"model.weights={weights!r} and model.options.encoder_config are both set: the preset "
-                          "defines the encoder; give one of them")
+        raise ConfigError(
+            f"model.weights={weights!r} and model.options.encoder_config are both set: the preset "
+            "defines the encoder; give one of them"
+        )
     example = FAMILIES[family]["example"]
     if _looks_like_path(weights) and not (Path(weights) / "config.json").exists():
-        raise ConfigError(f"model.weights={weights!r}: no keras-hub preset folder there (it needs config.json and "
-                          f"model.weights.h5). Save one with keras_hub.models.Backbone.from_preset('{example}')"
-                          ".save_to_preset(FOLDER) on a machine with a network, or use a preset name")
+        raise ConfigError(
+            f"model.weights={weights!r}: no keras-hub preset folder there (it needs config.json and "
+            f"model.weights.h5). Save one with keras_hub.models.Backbone.from_preset('{example}')"
+            ".save_to_preset(FOLDER) on a machine with a network, or use a preset name"
+        )
     try:
         backbone = keras_hub.models.Backbone.from_preset(weights)
     except Exception as exc:  # network, Kaggle credentials, unknown name
@@ -118,12 +140,15 @@ def load_encoder(family: str, weights: str | None, image_size: int, encoder_conf
             f"Offline, download it where a network exists (keras_hub.models.Backbone.from_preset('{example}')"
             ".save_to_preset('/models/" + example + "')), copy the folder here and set "
             f"model.weights to it (--set model.weights=/models/{example}); or model.weights=null for a "
-            "randomly initialised encoder.") from exc
+            "randomly initialised encoder."
+        ) from exc
     encoder = getattr(backbone, "vision_encoder", backbone)  # a full CLIP preset: its vision tower
     cls = _encoder_class(family)
     if not isinstance(encoder, cls):
-        raise ConfigError(f"model.weights={weights!r} is a {type(backbone).__name__} preset; this model needs a "
-                          f"{cls.__name__} (e.g. {example})")
+        raise ConfigError(
+            f"model.weights={weights!r} is a {type(backbone).__name__} preset; this model needs a "
+            f"{cls.__name__} (e.g. {example})"
+        )
     if family == "clip" and not np.any(keras.ops.convert_to_numpy(encoder.embedding.position_ids)):
         _fix_position_ids(encoder)
     if _image_size_of(encoder) != image_size:
@@ -153,7 +178,9 @@ def resize_encoder(encoder, family: str, image_size: int):
             continue
         if tuple(value.shape) != tuple(variable.shape):
             if not key.endswith("position_embedding/embeddings"):
-                raise ConfigError(f"cannot resize encoder {encoder.name}: {key} is {value.shape}, needs {variable.shape}")
+                raise ConfigError(
+                    f"cannot resize encoder {encoder.name}: {key} is {value.shape}, needs {variable.shape}"
+                )
             value = _resize_positions(value, int(variable.shape[0]))
         variable.assign(value)
     return new
@@ -177,8 +204,11 @@ def input_normalization(family: str):
     """The encoder family's input normalisation as a layer, for float32 RGB in [0, 255]
     (named ``<family>_normalization``)."""
     spec = FAMILIES[family]
-    return keras.layers.Normalization(mean=[255.0 * m for m in spec["mean"]],
-                                      variance=[(255.0 * s) ** 2 for s in spec["std"]], name=f"{family}_normalization")
+    return keras.layers.Normalization(
+        mean=[255.0 * m for m in spec["mean"]],
+        variance=[(255.0 * s) ** 2 for s in spec["std"]],
+        name=f"{family}_normalization",
+    )
 
 
 def token_pooling(mode: str, tokens: int):
@@ -195,7 +225,6 @@ def token_pooling(mode: str, tokens: int):
         mean = keras.layers.GlobalAveragePooling1D(name="token_pooling")
         return lambda x: mean(crop(x))
     raise ConfigError(f"model.options.pooling={mode!r}: use 'cls' or 'mean'")
-
 
 
 def find_encoder(model: keras.Model):

@@ -44,7 +44,10 @@ from kfundus.errors import ConfigError
 # Short names for the usual targets; anything else is a regular expression matched
 # against the end of a layer's path ("encoder_block_3/attention/query").
 TARGET_ALIASES = {
-    "q": "query", "k": "key", "v": "value", "o": "attention_output",
+    "q": "query",
+    "k": "key",
+    "v": "value",
+    "o": "attention_output",
     "attention": "query|key|value|attention_output",
     "mlp": r"(?:mlp/)?dense_[12]",
 }
@@ -64,9 +67,11 @@ def lora_layers(encoder: keras.Layer, targets) -> list:
     """The ``Dense`` / ``EinsumDense`` layers of ``encoder`` whose path ends with one of
     ``targets`` (aliases in ``TARGET_ALIASES``, else regular expressions)."""
     pattern = _pattern(targets)
-    return [layer for layer in encoder._flatten_layers(include_self=False)
-            if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
-            and pattern.search(layer.path)]
+    return [
+        layer
+        for layer in encoder._flatten_layers(include_self=False)
+        if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)) and pattern.search(layer.path)
+    ]
 
 
 def _input_axes(layer: keras.layers.EinsumDense) -> list[bool]:
@@ -105,17 +110,26 @@ class LoRAEinsumDense(keras.layers.EinsumDense):
         if self.lora_enabled:
             raise ValueError(f"{self.path}: LoRA is already enabled; it can be enabled once per layer")
         if self.quantization_mode is not None or self.kernel_constraint:
-            raise ConfigError(f"{self.path}: LoRA needs a float kernel without a constraint "
-                              f"(quantization {self.quantization_mode!r})")
+            raise ConfigError(
+                f"{self.path}: LoRA needs a float kernel without a constraint (quantization {self.quantization_mode!r})"
+            )
         shape = tuple(self._kernel.shape)
         n_in = sum(_input_axes(self))
         self._tracker.unlock()
-        self.lora_kernel_a = self.add_weight(name="lora_kernel_a", shape=shape[:n_in] + (rank,),
-                                             initializer=keras.initializers.get(a_initializer), dtype="float32",
-                                             regularizer=self.kernel_regularizer)
-        self.lora_kernel_b = self.add_weight(name="lora_kernel_b", shape=(rank,) + shape[n_in:],
-                                             initializer=keras.initializers.get(b_initializer), dtype="float32",
-                                             regularizer=self.kernel_regularizer)
+        self.lora_kernel_a = self.add_weight(
+            name="lora_kernel_a",
+            shape=shape[:n_in] + (rank,),
+            initializer=keras.initializers.get(a_initializer),
+            dtype="float32",
+            regularizer=self.kernel_regularizer,
+        )
+        self.lora_kernel_b = self.add_weight(
+            name="lora_kernel_b",
+            shape=(rank,) + shape[n_in:],
+            initializer=keras.initializers.get(b_initializer),
+            dtype="float32",
+            regularizer=self.kernel_regularizer,
+        )
         self._kernel.trainable = False
         self._tracker.lock()
         self.lora_enabled = True
@@ -130,8 +144,9 @@ class LoRAEinsumDense(keras.layers.EinsumDense):
         return ops.cast(ops.add(self._kernel, (self.lora_alpha / self.lora_rank) * update), self.compute_dtype)
 
 
-def apply_lora(encoder: keras.Layer, rank: int, alpha: float | None = None, targets=("query", "value"),
-               per_head: bool = False) -> list[str]:
+def apply_lora(
+    encoder: keras.Layer, rank: int, alpha: float | None = None, targets=("query", "value"), per_head: bool = False
+) -> list[str]:
     """Freeze ``encoder`` and enable LoRA on the layers ``targets`` selects.
 
     Args:
@@ -148,10 +163,17 @@ def apply_lora(encoder: keras.Layer, rank: int, alpha: float | None = None, targ
         raise ConfigError(f"lora_rank={rank}: must be a positive integer (0 means full fine-tuning)")
     chosen = lora_layers(encoder, targets)
     if not chosen:
-        names = sorted({layer.path.rsplit("/", 1)[-1] for layer in encoder._flatten_layers(include_self=False)
-                        if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))})
-        raise ConfigError(f"lora_targets={list(targets)} matches no Dense/EinsumDense layer of "
-                          f"{encoder.name}; its dense layers are named {names}")
+        names = sorted(
+            {
+                layer.path.rsplit("/", 1)[-1]
+                for layer in encoder._flatten_layers(include_self=False)
+                if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
+            }
+        )
+        raise ConfigError(
+            f"lora_targets={list(targets)} matches no Dense/EinsumDense layer of "
+            f"{encoder.name}; its dense layers are named {names}"
+        )
     encoder.trainable = False  # every variable frozen ...
     for layer in chosen:  # ... then the low-rank factors added as the only trainable ones
         layer.trainable = True  # (Keras makes a frozen layer's new weights non-trainable)
@@ -179,8 +201,13 @@ def lora_parameter_count(encoder: keras.Layer) -> dict:
                 fan_in = shape[0]
             textbook += (fan_in + int(np.prod(shape)) // fan_in) * int(layer.lora_rank)
     base = sum(int(np.prod(v.shape)) for v in encoder.weights if "lora_kernel" not in v.path)
-    return {"encoder_parameters": base, "lora_parameters": lora, "textbook_lora_parameters": textbook,
-            "lora_share": lora / max(base, 1), "textbook_share": textbook / max(base, 1)}
+    return {
+        "encoder_parameters": base,
+        "lora_parameters": lora,
+        "textbook_lora_parameters": textbook,
+        "lora_share": lora / max(base, 1),
+        "textbook_share": textbook / max(base, 1),
+    }
 
 
 def parameter_summary(model: keras.Model) -> dict:
@@ -192,8 +219,11 @@ def parameter_summary(model: keras.Model) -> dict:
 
 def lora_settings(model: keras.Model) -> dict:
     """``{layer path: (rank, alpha)}`` of every LoRA-enabled layer of ``model``."""
-    return {layer.path: (int(layer.lora_rank), float(layer.lora_alpha))
-            for layer in model._flatten_layers(include_self=False) if getattr(layer, "lora_enabled", False)}
+    return {
+        layer.path: (int(layer.lora_rank), float(layer.lora_alpha))
+        for layer in model._flatten_layers(include_self=False)
+        if getattr(layer, "lora_enabled", False)
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -205,14 +235,20 @@ def save_adapters(model: keras.Model, path, metadata: dict | None = None) -> Pat
     (``.npz``), keyed by variable path, with the LoRA settings and ``metadata``."""
     settings = lora_settings(model)
     if not settings:
-        raise ConfigError(f"model {model.name} has no LoRA layer: nothing to save as an adapter "
-                          "(save the whole model with model.save instead)")
+        raise ConfigError(
+            f"model {model.name} has no LoRA layer: nothing to save as an adapter "
+            "(save the whole model with model.save instead)"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {v.path: np.asarray(keras.ops.convert_to_numpy(v)) for v in model.trainable_weights}
-    meta = {"format": ADAPTER_FORMAT, "model": model.name,
-            "lora": {p: {"rank": r, "alpha": a} for p, (r, a) in settings.items()},
-            "shapes": {k: list(v.shape) for k, v in arrays.items()}, **(metadata or {})}
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "model": model.name,
+        "lora": {p: {"rank": r, "alpha": a} for p, (r, a) in settings.items()},
+        "shapes": {k: list(v.shape) for k, v in arrays.items()},
+        **(metadata or {}),
+    }
     with open(path, "wb") as f:  # np.savez would append .npz to other suffixes
         np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays)
     return path
@@ -240,9 +276,11 @@ def load_adapters(model: keras.Model, path) -> dict:
     have = lora_settings(model)
     if want != have:
         diff = sorted(set(want.items()) ^ set(have.items()))[:6]
-        raise ConfigError(f"{path} was saved from LoRA layers {len(want)} with other rank/alpha/targets than "
-                          f"model {model.name} ({len(have)} LoRA layers); first differences: {diff}. Build the "
-                          "model with the adapter's lora_rank, lora_alpha and lora_targets")
+        raise ConfigError(
+            f"{path} was saved from LoRA layers {len(want)} with other rank/alpha/targets than "
+            f"model {model.name} ({len(have)} LoRA layers); first differences: {diff}. Build the "
+            "model with the adapter's lora_rank, lora_alpha and lora_targets"
+        )
     variables = {v.path: v for v in model.trainable_weights}
     missing, extra = sorted(set(variables) - set(arrays)), sorted(set(arrays) - set(variables))
     if missing or extra:

@@ -44,10 +44,12 @@ def _freeze_blocks(encoder, trainable_blocks: int) -> None:
     layers = encoder._flatten_layers(include_self=False)
     number = {id(x): re.search(r"(?:encoder_block_|transformer_block_)(\d+)$", x.name) for x in layers}
     blocks = sorted((x for x in layers if number[id(x)]), key=lambda x: int(number[id(x)].group(1)))
-    final_norm = [x for x in layers if re.search(r"(^|[^e]_)layer_norm$|^ln$", x.name) and "block" not in (x.path or "")]
+    final_norm = [
+        x for x in layers if re.search(r"(^|[^e]_)layer_norm$|^ln$", x.name) and "block" not in (x.path or "")
+    ]
     for layer in layers:
         layer.trainable = False
-    for layer in blocks[max(0, len(blocks) - trainable_blocks):] + final_norm[-1:]:
+    for layer in blocks[max(0, len(blocks) - trainable_blocks) :] + final_norm[-1:]:
         layer.trainable = True
 
 
@@ -132,30 +134,86 @@ def build_transformer_classifier(
     }
     model = keras.Model(inputs, outputs, name=name or f"{family}_lora")
     counts = parameter_summary(model)
-    print(f"{model.name}: {counts['trainable']:,} trainable of {counts['total']:,} parameters "
-          f"({100 * counts['share']:.2f} %)" + (f"; LoRA rank {lora_rank}, alpha {lora_alpha}, on "
-                                               f"{list(lora_targets)}" if int(lora_rank) > 0 else ""))
+    print(
+        f"{model.name}: {counts['trainable']:,} trainable of {counts['total']:,} parameters "
+        f"({100 * counts['share']:.2f} %)"
+        + (f"; LoRA rank {lora_rank}, alpha {lora_alpha}, on {list(lora_targets)}" if int(lora_rank) > 0 else "")
+    )
     return model
 
 
-def build_clip_lora(num_outputs: int, *, image_size=224, weights=None, trainable_blocks=-1, dropout=0.1,
-                    activation="sigmoid", two_eye=False, bn_momentum=None, encoder_config=None, lora_rank=8,
-                    lora_alpha=16, lora_targets=("query", "value"), lora_per_head=False, pooling="cls"):
+def build_clip_lora(
+    num_outputs: int,
+    *,
+    image_size=224,
+    weights=None,
+    trainable_blocks=-1,
+    dropout=0.1,
+    activation="sigmoid",
+    two_eye=False,
+    bn_momentum=None,
+    encoder_config=None,
+    lora_rank=8,
+    lora_alpha=16,
+    lora_targets=("query", "value"),
+    lora_per_head=False,
+    pooling="cls",
+):
     """CLIP vision encoder + LoRA (``model.name: clip_lora``); see ``build_transformer_classifier``."""
     return build_transformer_classifier(
-        num_outputs, family="clip", image_size=image_size, weights=weights, trainable_blocks=trainable_blocks,
-        dropout=dropout, activation=activation, two_eye=two_eye, bn_momentum=bn_momentum,
-        encoder_config=encoder_config, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
-        lora_per_head=lora_per_head, pooling=pooling, name="clip_lora")
+        num_outputs,
+        family="clip",
+        image_size=image_size,
+        weights=weights,
+        trainable_blocks=trainable_blocks,
+        dropout=dropout,
+        activation=activation,
+        two_eye=two_eye,
+        bn_momentum=bn_momentum,
+        encoder_config=encoder_config,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        lora_per_head=lora_per_head,
+        pooling=pooling,
+        name="clip_lora",
+    )
 
 
-def build_vit(num_outputs: int, *, image_size=224, weights=None, trainable_blocks=-1, dropout=0.1,
-              activation="sigmoid", two_eye=False, bn_momentum=None, encoder_config=None, lora_rank=8,
-              lora_alpha=16, lora_targets=("query", "value"), lora_per_head=False, pooling="cls"):
+def build_vit(
+    num_outputs: int,
+    *,
+    image_size=224,
+    weights=None,
+    trainable_blocks=-1,
+    dropout=0.1,
+    activation="sigmoid",
+    two_eye=False,
+    bn_momentum=None,
+    encoder_config=None,
+    lora_rank=8,
+    lora_alpha=16,
+    lora_targets=("query", "value"),
+    lora_per_head=False,
+    pooling="cls",
+):
     """keras-hub ViT baseline (``model.name: vit``), same head, LoRA and loss as ``clip_lora``;
     ``lora_rank: 0`` for plain fine-tuning."""
     return build_transformer_classifier(
-        num_outputs, family="vit", image_size=image_size, weights=weights, trainable_blocks=trainable_blocks,
-        dropout=dropout, activation=activation, two_eye=two_eye, bn_momentum=bn_momentum,
-        encoder_config=encoder_config, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
-        lora_per_head=lora_per_head, pooling=pooling, name="vit")
+        num_outputs,
+        family="vit",
+        image_size=image_size,
+        weights=weights,
+        trainable_blocks=trainable_blocks,
+        dropout=dropout,
+        activation=activation,
+        two_eye=two_eye,
+        bn_momentum=bn_momentum,
+        encoder_config=encoder_config,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        lora_per_head=lora_per_head,
+        pooling=pooling,
+        name="vit",
+    )

@@ -23,17 +23,25 @@ def shadow_objective(config, manifest, train_targets):
     options = dict(t.loss_options or {})
     unknown = sorted(set(options) - set(SHADOW_OPTIONS))
     if unknown:
-        raise ConfigError(f"train.loss_options: unknown key(s) {unknown} for {config.model.name}; "
-                          f"valid: {sorted(SHADOW_OPTIONS)}")
+        raise ConfigError(
+            f"train.loss_options: unknown key(s) {unknown} for {config.model.name}; valid: {sorted(SHADOW_OPTIONS)}"
+        )
     options = {**SHADOW_OPTIONS, **options}
     if float(options["shadow_weight"]) < 0 or float(options["margin"]) < 0:
         raise ConfigError(f"train.loss_options {options}: shadow_weight and margin must be >= 0")
-    valid_monitors = {"val_probabilities_auroc", "val_probabilities_accuracy", "val_loss",
-                      "val_probabilities_loss", "val_embedding_loss"}
+    valid_monitors = {
+        "val_probabilities_auroc",
+        "val_probabilities_accuracy",
+        "val_loss",
+        "val_probabilities_loss",
+        "val_embedding_loss",
+    }
     if t.monitor not in valid_monitors:
-        raise ConfigError(f"train.monitor={t.monitor!r}: model {config.model.name} has two outputs, so its "
-                          f"metrics are prefixed by the output name; use one of {sorted(valid_monitors)} "
-                          "(e.g. val_probabilities_auroc)")
+        raise ConfigError(
+            f"train.monitor={t.monitor!r}: model {config.model.name} has two outputs, so its "
+            f"metrics are prefixed by the output name; use one of {sorted(valid_monitors)} "
+            "(e.g. val_probabilities_auroc)"
+        )
     if manifest.task == "multiclass":
         raise ConfigError(f"model {config.model.name} is a multi-label (sigmoid) model; {manifest.name} is multi-class")
     bce = make_loss(t.loss, manifest.task, train_targets, pos_weight_cap=t.pos_weight_cap, focal_gamma=t.focal_gamma)
@@ -43,7 +51,8 @@ def shadow_objective(config, manifest, train_targets):
         loss_weights={"probabilities": 1.0, "embedding": float(options["shadow_weight"])},
         targets=lambda y: {"probabilities": y, "embedding": y},
         primary="probabilities",
-        on_trained=[_adapter_file(manifest.labels)] if int((config.model.options or {}).get("lora_rank", 8)) > 0
+        on_trained=[_adapter_file(manifest.labels)]
+        if int((config.model.options or {}).get("lora_rank", 8)) > 0
         else [],
     )
 

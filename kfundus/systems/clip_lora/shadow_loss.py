@@ -48,11 +48,11 @@ class ShadowLoss(keras.losses.Loss):
         self.margin = float(margin)
 
     def call(self, y_true, y_pred):
-        e = ops.cast(y_pred, "float32")                      # (B, D)
+        e = ops.cast(y_pred, "float32")  # (B, D)
         y = ops.cast(ops.greater(ops.cast(y_true, "float32"), 0.5), "float32")  # (B, L) multi-hot
-        norm = ops.sqrt(ops.sum(ops.square(e), axis=-1) + 1e-12)             # |a|, (B,)
-        shadow = ops.matmul(e, ops.transpose(e)) / norm[:, None]            # proj_a(x), (B, B)
-        delta = ops.abs(norm[:, None] - shadow)                              # (B, B)
+        norm = ops.sqrt(ops.sum(ops.square(e), axis=-1) + 1e-12)  # |a|, (B,)
+        shadow = ops.matmul(e, ops.transpose(e)) / norm[:, None]  # proj_a(x), (B, B)
+        delta = ops.abs(norm[:, None] - shadow)  # (B, B)
         not_self = ops.logical_not(ops.cast(ops.eye(ops.shape(e)[0]), "bool"))
         shared = ops.greater(ops.matmul(y, ops.transpose(y)), 0.5)
         positive = ops.logical_and(shared, not_self)

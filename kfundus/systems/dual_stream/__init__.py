@@ -8,10 +8,20 @@ from kfundus.systems.dual_stream.model import build_dual_stream
 from kfundus.systems.dual_stream.objective import dual_stream_objective
 from kfundus.systems.dual_stream.wlsr import WeightedLabelSmoothingLoss
 
-SYSTEM = System(name="dual_stream", build=build_dual_stream, objective=dual_stream_objective,
-                configs=("fundus_dual_stream_wlsr", "oct_dual_stream_wlsr"),
-                paper="Kaloi et al., iCoMET 2023: dual-stream network with weighted label smoothing")
+SYSTEM = System(
+    name="dual_stream",
+    build=build_dual_stream,
+    objective=dual_stream_objective,
+    configs=("fundus_dual_stream_wlsr", "oct_dual_stream_wlsr"),
+    paper="Kaloi et al., iCoMET 2023: dual-stream network with weighted label smoothing",
+)
 SYSTEMS = (SYSTEM,)
 
-__all__ = ["SYSTEM", "SYSTEMS", "QuadraticWeightedKappa", "WeightedLabelSmoothingLoss", "build_dual_stream",
-           "dual_stream_objective"]
+__all__ = [
+    "SYSTEM",
+    "SYSTEMS",
+    "QuadraticWeightedKappa",
+    "WeightedLabelSmoothingLoss",
+    "build_dual_stream",
+    "dual_stream_objective",
+]

@@ -35,8 +35,9 @@ class QuadraticWeightedKappa(keras.metrics.Metric):
     def __init__(self, num_classes, name="qwk", **kwargs):
         super().__init__(name=name, **kwargs)
         self.num_classes = int(num_classes)
-        self.confusion = self.add_variable(shape=(self.num_classes, self.num_classes), initializer="zeros",
-                                           dtype="float32", name="confusion")
+        self.confusion = self.add_variable(
+            shape=(self.num_classes, self.num_classes), initializer="zeros", dtype="float32", name="confusion"
+        )
 
     def _indices(self, y):
         y = ops.convert_to_tensor(y)

@@ -55,14 +55,18 @@ ABNORMAL_HEAD = "abnormal"
 def _normalization(normalization) -> keras.layers.Normalization:
     if isinstance(normalization, str):
         if normalization not in NORMALIZATIONS:
-            raise ConfigError(f"model.options.normalization={normalization!r}: use one of "
-                              f"{sorted(NORMALIZATIONS)} or {{mean: [...], std: [...]}}")
+            raise ConfigError(
+                f"model.options.normalization={normalization!r}: use one of "
+                f"{sorted(NORMALIZATIONS)} or {{mean: [...], std: [...]}}"
+            )
         mean, std = NORMALIZATIONS[normalization]
     elif isinstance(normalization, dict) and set(normalization) == {"mean", "std"}:
         mean, std = normalization["mean"], normalization["std"]
     else:
-        raise ConfigError(f"model.options.normalization={normalization!r}: use 'fundus', 'oct' or "
-                          "{mean: [...], std: [...]} (pixel values in [0, 255])")
+        raise ConfigError(
+            f"model.options.normalization={normalization!r}: use 'fundus', 'oct' or "
+            "{mean: [...], std: [...]} (pixel values in [0, 255])"
+        )
     mean = np.broadcast_to(np.asarray(mean, dtype="float32"), (3,))
     std = np.broadcast_to(np.asarray(std, dtype="float32"), (3,))
     if not np.all(std > 0):
@@ -74,7 +78,7 @@ def _stream(x, kind: str, depth: int, width: int, convs_per_block: int, bn_momen
     conv = keras.layers.SeparableConv2D if kind == "separable" else keras.layers.Conv2D
     prefix = "sep" if kind == "separable" else "conv"
     for i in range(depth):
-        filters = width * 2 ** i
+        filters = width * 2**i
         for j in range(convs_per_block):
             name = f"{prefix}_block{i + 1}_conv{j + 1}"
             x = conv(filters, 3, padding="same", use_bias=False, name=name)(x)
@@ -91,7 +95,7 @@ def _freeze(model: keras.Model, depth: int, trainable_blocks: int) -> None:
     for layer in model.layers:
         for prefix in ("sep_block", "conv_block"):
             if layer.name.startswith(prefix):
-                block = int(layer.name[len(prefix):].split("_")[0])
+                block = int(layer.name[len(prefix) :].split("_")[0])
                 layer.trainable = block > depth - trainable_blocks
 
 
@@ -151,19 +155,23 @@ def build_dual_stream(
     {'oct_class': (1, 4), 'abnormal': (1, 1)}
     """
     if two_eye:
-        raise ConfigError("model dual_stream reads one image per row; use an eye-level dataset "
-                          "(data.options.level: eye), not patient-level pairs")
+        raise ConfigError(
+            "model dual_stream reads one image per row; use an eye-level dataset "
+            "(data.options.level: eye), not patient-level pairs"
+        )
     for option, value, valid in (("streams", streams, STREAMS), ("fusion", fusion, FUSIONS)):
         if value not in valid:
             raise ConfigError(f"model.options.{option}={value!r}: use one of {list(valid)}")
-    if not (isinstance(depth, int) and 1 <= depth and image_size // 2 ** depth >= 1):
-        raise ConfigError(f"model.options.depth={depth!r}: need an int >= 1 with image_size / 2**depth >= 1 "
-                          f"(image_size {image_size})")
+    if not (isinstance(depth, int) and depth >= 1 and image_size // 2**depth >= 1):
+        raise ConfigError(
+            f"model.options.depth={depth!r}: need an int >= 1 with image_size / 2**depth >= 1 (image_size {image_size})"
+        )
     if not (isinstance(width, int) and width >= 1 and isinstance(convs_per_block, int) and convs_per_block >= 1):
         raise ConfigError(f"model.options width={width!r}, convs_per_block={convs_per_block!r}: positive ints")
     if primary_head == ABNORMAL_HEAD and normal_class:
-        raise ConfigError(f"model.options.primary_head cannot be {ABNORMAL_HEAD!r}, the name of the "
-                          "normal-vs-abnormal head")
+        raise ConfigError(
+            f"model.options.primary_head cannot be {ABNORMAL_HEAD!r}, the name of the normal-vs-abnormal head"
+        )
     momentum = 0.99 if bn_momentum is None else bn_momentum
 
     inputs = keras.Input((image_size, image_size, 3), name="image")
@@ -190,11 +198,15 @@ def build_dual_stream(
     if weights is not None:
         path = Path(weights)
         if not path.name.endswith(".weights.h5") or not path.exists():
-            raise ConfigError(f"model.weights={weights!r}: dual_stream trains from scratch (null), or loads "
-                              "an existing .weights.h5 file saved from a model with the same options")
+            raise ConfigError(
+                f"model.weights={weights!r}: dual_stream trains from scratch (null), or loads "
+                "an existing .weights.h5 file saved from a model with the same options"
+            )
         try:
             model.load_weights(str(path))
         except Exception as exc:
-            raise ConfigError(f"model.weights={weights}: cannot load it ({exc}); it must come from a "
-                              "dual_stream model built with the same options") from exc
+            raise ConfigError(
+                f"model.weights={weights}: cannot load it ({exc}); it must come from a "
+                "dual_stream model built with the same options"
+            ) from exc
     return model

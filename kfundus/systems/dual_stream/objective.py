@@ -35,8 +35,7 @@ from kfundus.objectives import Objective
 from kfundus.systems.dual_stream.kappa import QuadraticWeightedKappa
 
 LOSSES = ("wlsr", "label_smoothing", "bce")
-LOSS_OPTIONS = {"epsilon": 0.1, "weighting": "inverse", "weight_cap": 10.0, "weight_by": "sample",
-                "loss_weights": None}
+LOSS_OPTIONS = {"epsilon": 0.1, "weighting": "inverse", "weight_cap": 10.0, "weight_by": "sample", "loss_weights": None}
 ABNORMAL = "abnormal"
 
 
@@ -50,8 +49,10 @@ def task_heads(manifest_labels, task: str, primary: str, normal_class: str | Non
     heads = {primary: (task, list(manifest_labels))}
     if normal_class is not None:
         if normal_class not in manifest_labels:
-            raise ConfigError(f"model.options.normal_class={normal_class!r} is not a class of the dataset; "
-                              f"its classes are {list(manifest_labels)}")
+            raise ConfigError(
+                f"model.options.normal_class={normal_class!r} is not a class of the dataset; "
+                f"its classes are {list(manifest_labels)}"
+            )
         heads[ABNORMAL] = ("binary", [ABNORMAL])
     return heads
 
@@ -63,7 +64,7 @@ def make_targets(manifest_labels, primary: str, normal_class: str | None):
     def targets(y):
         out = {primary: y}
         if index is not None:
-            out[ABNORMAL] = 1.0 - y[:, index:index + 1]
+            out[ABNORMAL] = 1.0 - y[:, index : index + 1]
         return out
 
     return targets
@@ -71,21 +72,27 @@ def make_targets(manifest_labels, primary: str, normal_class: str | None):
 
 def head_targets(y: np.ndarray, manifest_labels, primary: str, normal_class: str | None) -> dict:
     """The same as ``make_targets`` on a numpy label matrix."""
-    return {k: np.asarray(v) for k, v in make_targets(manifest_labels, primary, normal_class)(
-        np.asarray(y, dtype=np.float32)).items()}
+    return {
+        k: np.asarray(v)
+        for k, v in make_targets(manifest_labels, primary, normal_class)(np.asarray(y, dtype=np.float32)).items()
+    }
 
 
 def head_metrics(task: str, labels, ordinal: bool = False) -> list:
     """accuracy, macro F1, AUROC (macro over classes / labels) and, for ordinal grades, ``qwk``."""
     k = len(labels)
     if task == "multiclass":
-        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy"),
-                   keras.metrics.F1Score(average="macro", name="macro_f1"),
-                   keras.metrics.AUC(multi_label=True, num_labels=k, name="auroc")]
+        metrics = [
+            keras.metrics.CategoricalAccuracy(name="accuracy"),
+            keras.metrics.F1Score(average="macro", name="macro_f1"),
+            keras.metrics.AUC(multi_label=True, num_labels=k, name="auroc"),
+        ]
         return metrics + ([QuadraticWeightedKappa(k, name="qwk")] if ordinal else [])
-    return [keras.metrics.BinaryAccuracy(name="accuracy"),
-            keras.metrics.F1Score(average="macro", threshold=0.5, name="macro_f1"),
-            keras.metrics.AUC(multi_label=True, num_labels=k, name="auroc")]
+    return [
+        keras.metrics.BinaryAccuracy(name="accuracy"),
+        keras.metrics.F1Score(average="macro", threshold=0.5, name="macro_f1"),
+        keras.metrics.AUC(multi_label=True, num_labels=k, name="auroc"),
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -108,14 +115,19 @@ def head_loss(name: str, task: str, targets: np.ndarray, options: dict):
 
     eps = float(options["epsilon"])
     if name not in LOSSES:
-        raise ConfigError(f"train.loss={name!r} for model dual_stream: use one of {list(LOSSES)} "
-                          "(wlsr: weighted label smoothing; label_smoothing: Keras' own; bce: plain cross-entropy)")
+        raise ConfigError(
+            f"train.loss={name!r} for model dual_stream: use one of {list(LOSSES)} "
+            "(wlsr: weighted label smoothing; label_smoothing: Keras' own; bce: plain cross-entropy)"
+        )
     categorical = task == "multiclass"
     if name == "bce":
         return keras.losses.CategoricalCrossentropy() if categorical else keras.losses.BinaryCrossentropy()
     if name == "label_smoothing":
-        return (keras.losses.CategoricalCrossentropy(label_smoothing=eps) if categorical
-                else keras.losses.BinaryCrossentropy(label_smoothing=eps))
+        return (
+            keras.losses.CategoricalCrossentropy(label_smoothing=eps)
+            if categorical
+            else keras.losses.BinaryCrossentropy(label_smoothing=eps)
+        )
     targets = np.asarray(targets, dtype=np.float64)
     weighting, cap = options["weighting"], float(options["weight_cap"])
     if categorical:
@@ -134,11 +146,12 @@ def dual_stream_objective(config, manifest, train_targets):
     options = loss_options(config.train.loss_options)
     heads = task_heads(manifest.labels, manifest.task, primary, normal)
     targets = head_targets(train_targets, manifest.labels, primary, normal)
-    weights = {head: 1.0 for head in heads}
+    weights = dict.fromkeys(heads, 1.0)
     for head, weight in (options["loss_weights"] or {}).items():
         if head not in heads:
-            raise ConfigError(f"train.loss_options.loss_weights names head {head!r}; the model's heads are "
-                              f"{sorted(heads)}")
+            raise ConfigError(
+                f"train.loss_options.loss_weights names head {head!r}; the model's heads are {sorted(heads)}"
+            )
         weights[head] = float(weight)
     ordinal = list(manifest.labels) == DR_GRADES
     return Objective(
@@ -176,7 +189,11 @@ def head_reports(predictions: dict, y: np.ndarray, manifest_labels, task: str, c
         if head not in predictions:
             continue
         reports[head] = evaluate_predictions(
-            targets[head], np.asarray(predictions[head]), labels, head_task,
+            targets[head],
+            np.asarray(predictions[head]),
+            labels,
+            head_task,
             thresholds=None if head_task == "multiclass" else np.full(len(labels), 0.5),
-            ordinal=head == primary and list(manifest_labels) == DR_GRADES)
+            ordinal=head == primary and list(manifest_labels) == DR_GRADES,
+        )
     return reports

@@ -60,8 +60,7 @@ class WeightedLabelSmoothingLoss(keras.losses.Loss):
     0.9284
     """
 
-    def __init__(self, class_weights, epsilon=0.1, mode="categorical", weight_by="sample", name="wlsr",
-                 **kwargs):
+    def __init__(self, class_weights, epsilon=0.1, mode="categorical", weight_by="sample", name="wlsr", **kwargs):
         super().__init__(name=name, **kwargs)
         if mode not in ("categorical", "binary"):
             raise ConfigError(f"WLSRL mode={mode!r}: use 'categorical' (softmax) or 'binary' (sigmoid)")
@@ -73,8 +72,10 @@ class WeightedLabelSmoothingLoss(keras.losses.Loss):
         if mode == "binary":
             w = w.reshape(-1, 2) if w.size % 2 == 0 else None
         if w is None or w.size == 0 or not np.all(np.isfinite(w)) or np.any(w < 0):
-            raise ConfigError(f"WLSRL class_weights={class_weights!r}: give finite, non-negative weights "
-                              "(K of them for 'categorical', (w0, w1) pairs for 'binary')")
+            raise ConfigError(
+                f"WLSRL class_weights={class_weights!r}: give finite, non-negative weights "
+                "(K of them for 'categorical', (w0, w1) pairs for 'binary')"
+            )
         self.class_weights = w.tolist()
         self.epsilon = float(epsilon)
         self.mode = mode
@@ -100,5 +101,10 @@ class WeightedLabelSmoothingLoss(keras.losses.Loss):
         return ops.mean(per_column, axis=-1)
 
     def get_config(self):
-        return {**super().get_config(), "class_weights": self.class_weights, "epsilon": self.epsilon,
-                "mode": self.mode, "weight_by": self.weight_by}
+        return {
+            **super().get_config(),
+            "class_weights": self.class_weights,
+            "epsilon": self.epsilon,
+            "mode": self.mode,
+            "weight_by": self.weight_by,
+        }

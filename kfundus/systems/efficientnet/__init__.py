@@ -6,9 +6,12 @@ from kfundus.systems.efficientnet.contrast import LocalContrast
 from kfundus.systems.efficientnet.model import build_efficientnet_b0, efficientnet_b0_backbone
 
 SYSTEM = System(
-    name="efficientnet_b0", build=build_efficientnet_b0, objective=None,
+    name="efficientnet_b0",
+    build=build_efficientnet_b0,
+    objective=None,
     configs=("rfmid_efficientnet_b0", "odir_efficientnet_b0", "demo_synthetic"),
-    paper="Dharsan et al.: EfficientNet-B0 transfer learning with Grad-CAM on RFMiD")
+    paper="Dharsan et al.: EfficientNet-B0 transfer learning with Grad-CAM on RFMiD",
+)
 SYSTEMS = (SYSTEM,)
 
 __all__ = ["SYSTEM", "SYSTEMS", "LocalContrast", "build_efficientnet_b0", "efficientnet_b0_backbone"]

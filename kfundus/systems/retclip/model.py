@@ -78,8 +78,8 @@ class TripartiteLogits(keras.layers.Layer):
 
     def build(self, *shapes):
         self.log_scales = self.add_weight(
-            shape=(len(BRANCHES),), initializer=keras.initializers.Constant(np.log(self.init_scale)),
-            name="log_scales")
+            shape=(len(BRANCHES),), initializer=keras.initializers.Constant(np.log(self.init_scale)), name="log_scales"
+        )
 
     def scales(self):
         return ops.minimum(ops.exp(self.log_scales), self.max_scale)
@@ -87,15 +87,16 @@ class TripartiteLogits(keras.layers.Layer):
     def call(self, z_left, z_right, z_patient, t_left, t_right, t_patient):
         scales = self.scales()
         pairs = ((z_left, t_left), (z_right, t_right), (z_patient, t_patient))
-        return {branch: scales[i] * ops.matmul(ops.cast(z, "float32"), ops.transpose(ops.cast(t, "float32")))
-                for i, (branch, (z, t)) in enumerate(zip(BRANCHES, pairs))}
+        return {
+            branch: scales[i] * ops.matmul(ops.cast(z, "float32"), ops.transpose(ops.cast(t, "float32")))
+            for i, (branch, (z, t)) in enumerate(zip(BRANCHES, pairs))
+        }
 
     def get_config(self):
         return {**super().get_config(), "init_scale": self.init_scale, "max_scale": self.max_scale}
 
 
-def load_text_encoder(weights: str | None, text_config: dict | None, vocabulary_size: int,
-                      sequence_length: int):
+def load_text_encoder(weights: str | None, text_config: dict | None, vocabulary_size: int, sequence_length: int):
     """The text tower: a random ``CLIPTextEncoder`` from ``text_config`` (needs the
     tokenizer's ``vocabulary_size``), the text tower of a CLIP preset, or any keras-hub text
     backbone preset / local preset folder."""
@@ -104,11 +105,14 @@ def load_text_encoder(weights: str | None, text_config: dict | None, vocabulary_
     if weights is None:
         config = {**CLIP_TEXT_B, **(text_config or {})}
         try:
-            return keras_hub.models.CLIPTextEncoder(vocabulary_size=int(vocabulary_size),
-                                                    max_sequence_length=int(sequence_length), **config)
+            return keras_hub.models.CLIPTextEncoder(
+                vocabulary_size=int(vocabulary_size), max_sequence_length=int(sequence_length), **config
+            )
         except TypeError as exc:
-            raise ConfigError(f"model.text_config={text_config}: {exc}; CLIPTextEncoder takes embedding_dim, "
-                              "hidden_dim, num_layers, num_heads, intermediate_dim, intermediate_activation") from exc
+            raise ConfigError(
+                f"model.text_config={text_config}: {exc}; CLIPTextEncoder takes embedding_dim, "
+                "hidden_dim, num_layers, num_heads, intermediate_dim, intermediate_activation"
+            ) from exc
     if text_config:
         raise ConfigError(f"model.text_weights={weights!r} and model.text_config are both set: give one of them")
     try:
@@ -118,7 +122,8 @@ def load_text_encoder(weights: str | None, text_config: dict | None, vocabulary_
             f"could not load the text preset {weights!r} ({exc.__class__.__name__}: {str(exc)[:300]}). Offline, "
             "save it where a network exists (keras_hub.models.Backbone.from_preset(NAME).save_to_preset(FOLDER)) "
             "and set model.text_weights to that folder, or model.text_weights=null for a random text encoder "
-            "with a vocabulary built from the reports.") from exc
+            "with a vocabulary built from the reports."
+        ) from exc
     return getattr(backbone, "text_encoder", backbone)
 
 
@@ -179,8 +184,11 @@ def build_retclip(
 
     f_left, f_right = (pool(vision({"images": normalise(x)})) for x in (left, right))
     unit = {}
-    for branch, feature in (("left", f_left), ("right", f_right),
-                            ("patient", keras.layers.Concatenate(name="patient_features")([f_left, f_right]))):
+    for branch, feature in (
+        ("left", f_left),
+        ("right", f_right),
+        ("patient", keras.layers.Concatenate(name="patient_features")([f_left, f_right])),
+    ):
         z = keras.layers.Dense(embed_dim, use_bias=False, name=f"image_projection_{branch}")(feature)
         unit[f"z_{branch}"] = keras.layers.UnitNormalization(name=f"image_embedding_{branch}")(z)
     t = _text_features(text, token_ids, padding_mask)
@@ -190,7 +198,8 @@ def build_retclip(
         h = keras.layers.Dense(embed_dim, name=f"text_head_{branch}")(h)
         unit[f"t_{branch}"] = keras.layers.UnitNormalization(name=f"text_embedding_{branch}")(h)
     logits = TripartiteLogits(init_scale, max_scale, name="logit_scales")(
-        unit["z_left"], unit["z_right"], unit["z_patient"], unit["t_left"], unit["t_right"], unit["t_patient"])
+        unit["z_left"], unit["z_right"], unit["z_patient"], unit["t_left"], unit["t_right"], unit["t_patient"]
+    )
     outputs = {b: keras.layers.Activation("linear", name=b, dtype="float32")(logits[b]) for b in BRANCHES}
     return keras.Model([left, right, token_ids, padding_mask], outputs, name="retclip")
 
@@ -210,14 +219,21 @@ def embedding_models(model: keras.Model) -> dict:
     def out(name):
         return model.get_layer(name).output
 
-    image = keras.Model([inputs["left_image"], inputs["right_image"]],
-                        {f"z_{b}": out(f"image_embedding_{b}") for b in BRANCHES}, name="retclip_image")
-    text = keras.Model([inputs["token_ids"], inputs["padding_mask"]],
-                       {f"t_{b}": out(f"text_embedding_{b}") for b in BRANCHES}, name="retclip_text")
+    image = keras.Model(
+        [inputs["left_image"], inputs["right_image"]],
+        {f"z_{b}": out(f"image_embedding_{b}") for b in BRANCHES},
+        name="retclip_image",
+    )
+    text = keras.Model(
+        [inputs["token_ids"], inputs["padding_mask"]],
+        {f"t_{b}": out(f"text_embedding_{b}") for b in BRANCHES},
+        name="retclip_text",
+    )
     eye_left = keras.Model(inputs["left_image"], out("image_embedding_left"), name="retclip_eye_left")
     eye_right = keras.Model(inputs["right_image"], out("image_embedding_right"), name="retclip_eye_right")
-    features = keras.Model(inputs["left_image"], model.get_layer("image_projection_left").input,
-                           name="retclip_features")
+    features = keras.Model(
+        inputs["left_image"], model.get_layer("image_projection_left").input, name="retclip_features"
+    )
     return {"image": image, "text": text, "eye_left": eye_left, "eye_right": eye_right, "features": features}
 
 

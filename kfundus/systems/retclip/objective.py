@@ -16,4 +16,5 @@ def retclip_objective(config=None, manifest=None, train_targets=None) -> Objecti
     return Objective(
         loss={b: SymmetricInfoNCE(name=f"infonce_{b}") for b in BRANCHES},
         metrics={b: [keras.metrics.SparseCategoricalAccuracy(name="match_accuracy")] for b in BRANCHES},
-        loss_weights={b: 1.0 for b in BRANCHES})
+        loss_weights=dict.fromkeys(BRANCHES, 1.0),
+    )
