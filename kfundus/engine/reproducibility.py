@@ -8,11 +8,12 @@ parallel ``tf.data`` map the batches would otherwise take their draws in whateve
 the threads run (measured: the demo's first epoch differed between two runs of the same
 command). With it, two runs of the same config on the same machine give the same weights.
 
-What it does not cover: another machine, another TensorFlow / Keras version, another CPU
-instruction set (oneDNN picks kernels by CPU) or a GPU instead of a CPU give other
-float rounding, so results agree only to within training noise there. The number of
-threads does not change results on the CPU kernels kfundus uses (tested in
-``tests/test_reproducibility.py``). The JAX and PyTorch backends get the seeds only.
+What it does not cover: another number of CPU threads (the oneDNN and Eigen kernels split
+their sums by thread, so ``TF_NUM_INTRAOP_THREADS=1`` and 2 give other weights: measured),
+another machine, another TensorFlow / Keras version, another CPU instruction set (oneDNN
+picks kernels by CPU) or a GPU instead of a CPU give other float rounding, so results
+agree only to within training noise there (``tests/test_reproducibility.py`` checks the
+repeatable case). The JAX and PyTorch backends get the seeds only.
 """
 
 from __future__ import annotations
