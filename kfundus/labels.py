@@ -22,79 +22,193 @@ ODIR_NAMES = {
     "O": "other diseases/abnormalities",
 }
 
-# Per-eye diagnostic keywords of the official annotation -> label. Keywords that say
-# nothing about disease (image quality, lens dust, ...) map to None: the ODIR organisers
-# ignore them when they derive the patient-level labels. Every other keyword that is not
-# listed here is an "other" (O) finding, as in the official rules.
+# Per-eye diagnostic keywords of ODIR-5K -> label: the 94 distinct keywords of the training
+# annotation as Kaggle's per-image table ``full_df.csv`` has it (3,358 of the 3,500 patients).
+# The table was derived from that file and checked against its label columns: mapping each
+# eye's keywords with it and taking the patient union (``odir_patient_labels``) reproduces
+# the graders' N..O of all 3,358 patients. Keywords that say nothing about disease (image
+# quality, lens dust, ...) map to None: the organisers ignore them when they derive the
+# patient-level labels. A keyword that is not in this table (a typo, another vocabulary) is
+# *not* taken for an "other" finding silently: see ``UNKNOWN_KEYWORDS``.
 ODIR_KEYWORDS: dict[str, str | None] = {
+    # N: normal
     "normal fundus": "N",
-    # diabetic retinopathy, every grade
+    # D: diabetic retinopathy, every grade
+    "diabetic retinopathy": "D",
     "mild nonproliferative retinopathy": "D",
     "moderate non proliferative retinopathy": "D",
-    "severe nonproliferative retinopathy": "D",
     "proliferative diabetic retinopathy": "D",
+    "severe nonproliferative retinopathy": "D",
     "severe proliferative diabetic retinopathy": "D",
-    "diabetic retinopathy": "D",
     "suspected diabetic retinopathy": "D",
-    "suspicious diabetic retinopathy": "D",
     "suspected moderate non proliferative retinopathy": "D",
-    # glaucoma
+    "suspicious diabetic retinopathy": "D",
+    # G: glaucoma
     "glaucoma": "G",
     "suspected glaucoma": "G",
-    # cataract
+    # C: cataract
     "cataract": "C",
     "suspected cataract": "C",
-    # age-related macular degeneration
+    # A: age-related macular degeneration
+    "age-related macular degeneration": "A",
     "dry age-related macular degeneration": "A",
     "wet age-related macular degeneration": "A",
-    "age-related macular degeneration": "A",
-    # hypertension
+    # H: hypertensive retinopathy
     "hypertensive retinopathy": "H",
-    # pathological myopia
-    "pathological myopia": "M",
+    # M: pathological myopia
     "myopia retinopathy": "M",
     "myopic maculopathy": "M",
-    # non-diagnostic: quality and acquisition remarks
+    "pathological myopia": "M",
+    # O: other diseases and abnormalities
+    "abnormal pigment": "O",
+    "arteriosclerosis": "O",
+    "atrophic change": "O",
+    "atrophy": "O",
+    "branch retinal artery occlusion": "O",
+    "branch retinal vein occlusion": "O",
+    "central retinal artery occlusion": "O",
+    "central retinal vein occlusion": "O",
+    "central serous chorioretinopathy": "O",
+    "chorioretinal atrophy": "O",
+    "chorioretinal atrophy with pigmentation proliferation": "O",
+    "choroidal nevus": "O",
+    "congenital choroidal coloboma": "O",
+    "depigmentation of the retinal pigment epithelium": "O",
+    "diffuse chorioretinal atrophy": "O",
+    "diffuse retinal atrophy": "O",
+    "drusen": "O",
+    "epiretinal membrane": "O",
+    "epiretinal membrane over the macula": "O",
+    "fundus laser photocoagulation spots": "O",
+    "glial remnants anterior to the optic disc": "O",
+    "idiopathic choroidal neovascularization": "O",
+    "intraretinal hemorrhage": "O",
+    "intraretinal microvascular abnormality": "O",
+    "laser spot": "O",
+    "macular coloboma": "O",
+    "macular epiretinal membrane": "O",
+    "macular hole": "O",
+    "macular pigmentation disorder": "O",
+    "maculopathy": "O",
+    "morning glory syndrome": "O",
+    "myelinated nerve fibers": "O",
+    "old branch retinal vein occlusion": "O",
+    "old central retinal vein occlusion": "O",
+    "old chorioretinopathy": "O",
+    "old choroiditis": "O",
+    "optic disc edema": "O",
+    "optic discitis": "O",
+    "optic disk epiretinal membrane": "O",
+    "optic nerve atrophy": "O",
+    "oval yellow-white atrophy": "O",
+    "peripapillary atrophy": "O",
+    "pigment epithelium proliferation": "O",
+    "pigmentation disorder": "O",
+    "post laser photocoagulation": "O",
+    "post retinal laser surgery": "O",
+    "refractive media opacity": "O",
+    "retina fold": "O",
+    "retinal detachment": "O",
+    "retinal pigment epithelial hypertrophy": "O",
+    "retinal pigment epithelium atrophy": "O",
+    "retinal pigmentation": "O",
+    "retinal vascular sheathing": "O",
+    "retinitis pigmentosa": "O",
+    "retinochoroidal coloboma": "O",
+    "silicone oil eye": "O",
+    "spotted membranous change": "O",
+    "suspected abnormal color of optic disc": "O",
+    "suspected macular epimacular membrane": "O",
+    "suspected microvascular anomalies": "O",
+    "suspected retinal vascular sheathing": "O",
+    "tessellated fundus": "O",
+    "vessel tortuosity": "O",
+    "vitreous degeneration": "O",
+    "vitreous opacity": "O",
+    "wedge white line change": "O",
+    "white vessel": "O",
+    # non-diagnostic: image quality and acquisition remarks (no label)
+    "anterior segment image": None,
+    "image offset": None,
     "lens dust": None,
     "low image quality": None,
-    "optic disk photographically invisible": None,
-    "image offset": None,
-    "anterior segment image": None,
     "no fundus image": None,
+    "optic disk photographically invisible": None,
 }
 
-_KEYWORD_SEPARATORS = re.compile(r"[,，;；]")
+# What an unrecognised ODIR keyword becomes (``data.options.unknown_keywords``): ``error``
+# (the default: the reader stops and lists every one with its rows), ``other`` (the O
+# label, ODIR's own rule for findings outside the seven named classes) or ``ignore`` (no
+# label from that keyword).
+UNKNOWN_KEYWORDS = ("error", "other", "ignore")
+
+# Keyword separators: the comma, the full-width comma of the official annotation (``，``),
+# the ideographic comma (``、``) and semicolons (``;``, ``；``).
+_KEYWORD_SEPARATORS = re.compile(r"[,，、;；]")
+
+
+def _compact(keyword: str) -> str:
+    """A keyword without case, spaces, hyphens or punctuation: "non-proliferative" and
+    "non proliferative" (both spellings occur in ODIR) look up the same entry."""
+    return re.sub(r"[^0-9a-z]", "", keyword.lower())
+
+
+_BY_COMPACT = {_compact(k): v for k, v in ODIR_KEYWORDS.items()}
 
 
 def split_keywords(text: str) -> list[str]:
-    """Split an ODIR keyword cell into normalised keywords.
+    """Split an ODIR keyword cell into normalised keywords (lower case, single spaces).
 
-    The annotation separates keywords with a comma, sometimes a full-width one (``，``).
+    Separators: ``,``, the full-width ``，`` of the official annotation, ``、``, ``;`` and ``；``.
     """
     if text is None:
         return []
     text = str(text)
     if text.lower() == "nan":
         return []
-    return [k.strip().lower() for k in _KEYWORD_SEPARATORS.split(text) if k.strip()]
+    return [" ".join(k.strip().lower().split()) for k in _KEYWORD_SEPARATORS.split(text) if k.strip()]
 
 
-def odir_keyword_label(keyword: str) -> str | None:
-    """The ODIR label a single keyword stands for (None for non-diagnostic remarks)."""
-    keyword = " ".join(keyword.strip().lower().split())
-    if keyword in ODIR_KEYWORDS:
-        return ODIR_KEYWORDS[keyword]
-    return "O"
+def is_odir_keyword(keyword: str) -> bool:
+    """Whether ``keyword`` is in :data:`ODIR_KEYWORDS` (ignoring case, spaces and hyphens)."""
+    return _compact(keyword) in _BY_COMPACT
 
 
-def odir_keywords_to_labels(text: str) -> dict[str, int]:
+def odir_keyword_label(keyword: str, unknown: str = "error") -> str | None:
+    """The ODIR label a single keyword stands for (None for non-diagnostic remarks).
+
+    Args:
+        keyword: one keyword ("glaucoma"); case, spacing and hyphens do not matter.
+        unknown: what a keyword outside :data:`ODIR_KEYWORDS` gives: ``"error"`` raises,
+            ``"other"`` gives ``"O"``, ``"ignore"`` gives None.
+
+    Raises:
+        DataError: for an unknown keyword when ``unknown="error"``.
+    """
+    if unknown not in UNKNOWN_KEYWORDS:
+        raise ValueError(f"unknown={unknown!r}: use one of {UNKNOWN_KEYWORDS}")
+    key = _compact(keyword)
+    if key in _BY_COMPACT:
+        return _BY_COMPACT[key]
+    if unknown == "error":
+        from kfundus.errors import DataError
+
+        raise DataError(
+            f"{keyword!r} is not an ODIR-5K diagnostic keyword; map unknown keywords to the O label "
+            "with --set data.options.unknown_keywords=other (or =ignore for no label)"
+        )
+    return "O" if unknown == "other" else None
+
+
+def odir_keywords_to_labels(text: str, unknown: str = "error") -> dict[str, int]:
     """Per-eye multi-hot ODIR labels from one eye's diagnostic keywords.
 
     ``N`` is set only when the eye has no disease finding: "normal fundus" next to a
     disease keyword (it happens) counts as the disease. An eye whose keywords are all
-    non-diagnostic ("lens dust", "low image quality") gets no label at all.
+    non-diagnostic ("lens dust", "low image quality") gets no label at all. ``unknown``:
+    as in :func:`odir_keyword_label`.
     """
-    found = {odir_keyword_label(k) for k in split_keywords(text)} - {None}
+    found = {odir_keyword_label(k, unknown) for k in split_keywords(text)} - {None}
     if len(found) > 1:
         found.discard("N")
     return {label: int(label in found) for label in ODIR_LABELS}

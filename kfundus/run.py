@@ -6,11 +6,15 @@
     runs/<name>/
       config.yaml        the resolved configuration (kfundus.config)
       run.json           labels, task, level, image size, data path and source, counts per
-                         split, skipped rows, primary output, kfundus version, times
+                         split, skipped rows (total and by reason), primary output,
+                         kfundus version, times
       splits.csv         every row of the dataset with its split (patient-level), its
                          image path(s) and labels
-      skipped.csv        rows left out (missing, unreadable, too small), with the reason
-      thresholds.json    per-label decision thresholds chosen on validation
+      skipped.csv        rows left out (missing, unreadable, too small, no label, other eye
+                         missing): file row, path, reason, detail, split
+      thresholds.json    per-label decision thresholds chosen on validation; for a
+                         multi-task model ``heads``: every head's rule (thresholds or
+                         arg-max), also chosen on validation
       samples.npz        a few preprocessed validation images (export parity checks)
       best.weights.h5    the best epoch's weights (train.monitor)
       backup/            state for resuming an interrupted run (present until it finishes)
@@ -39,6 +43,7 @@ CONFIG = "config.yaml"
 INFO = "run.json"
 SPLITS = "splits.csv"
 SKIPPED = "skipped.csv"
+SKIPPED_TABLE = ["source_row", "path", "reason", "detail", "split"]  # the columns of skipped.csv
 THRESHOLDS = "thresholds.json"
 SAMPLES = "samples.npz"
 CHECKPOINT = "best.weights.h5"
@@ -184,19 +189,44 @@ class RunFolder:
                 ]
         for label in info["labels"]:
             table[label] = table[label].astype("int64")
-        return Manifest(table, list(info["labels"]), info["task"], info.get("source") or "")
+        return Manifest(
+            table, list(info["labels"]), info["task"], info.get("source") or "", source=str(info.get("data_path") or "")
+        )
 
     # skipped rows -------------------------------------------------------------
 
-    def write_skipped(self, skipped: pd.DataFrame) -> None:
-        if len(skipped):
-            skipped.to_csv(self.path / SKIPPED, index=False)
+    def write_skipped(self, skipped: pd.DataFrame) -> dict[str, int]:
+        """Write the rows left out (any reason) to ``skipped.csv`` with the columns
+        :data:`SKIPPED_TABLE` (``source_row``: the row of the user's label file, header =
+        row 1; ``reason``: missing, unreadable, too_small, no_label, other_eye_missing;
+        ``split``: empty for rows left out before splitting). Nothing is written when no row
+        was left out. Returns the counts by reason, for ``run.json``."""
+        (self.path / SKIPPED).unlink(missing_ok=True)
+        if not len(skipped):
+            return {}
+        table = skipped.copy()
+        for column in SKIPPED_TABLE:
+            if column not in table.columns:
+                table[column] = ""
+        table = table[SKIPPED_TABLE]
+        table.to_csv(self.path / SKIPPED, index=False)
+        return {str(k): int(v) for k, v in table["reason"].value_counts().items()}
+
+    def read_skipped(self) -> pd.DataFrame:
+        """``skipped.csv`` (an empty table when nothing was skipped)."""
+        file = self.path / SKIPPED
+        if not file.exists():
+            return pd.DataFrame(columns=SKIPPED_TABLE)
+        return pd.read_csv(file, dtype={"path": str, "split": str}, keep_default_na=False)
 
     # thresholds ---------------------------------------------------------------
 
     def write_thresholds(
         self, labels, thresholds, primary: str | None, method: str = "youden (on validation)", heads: dict | None = None
     ) -> None:
+        """Write ``thresholds.json``: the primary output's per-label thresholds and, for a
+        multi-task model, ``heads`` (``{head: {"task", "labels", "decision", "thresholds"}}``,
+        ``kfundus.objectives.head_thresholds``)."""
         data = {
             "method": method,
             "labels": list(labels),

@@ -107,6 +107,18 @@ def test_values_out_of_range_name_the_key_and_a_fix(override, key):
     assert "--set" in str(err.value) or "use one of" in str(err.value)
 
 
+def test_a_bad_value_names_where_it_came_from(tmp_path):
+    """A value given with --set is blamed on the --set, one from a file on the file."""
+    with pytest.raises(ConfigError) as err:
+        load_config("demo_synthetic", ["train.epochs=0"])
+    assert str(err.value).startswith("--set train.epochs:")
+    path = tmp_path / "mine.yaml"
+    path.write_text("train: {epochs: 0}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.batch_size=4"])
+    assert str(err.value).startswith(f"{path}: train.epochs=0")
+
+
 def test_importing_the_config_loads_no_tensorflow():
     code = (
         "import sys; from kfundus.config import load_config; load_config('odir_clip_lora_shadow'); "

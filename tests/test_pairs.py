@@ -278,7 +278,9 @@ def test_unreadable_image(synth, tmp_path):
     table = table.head(6).copy()
     table.loc[2, "right_image"] = str(broken)
     manifest = Manifest(table, [], "multilabel", "pairs")
-    with pytest.raises(DataError, match=r"row 2: .*broken\.jpg: corrupt"):
+    row = int(table.loc[2, "source_row"])  # the row of the user's table, not of the frame
+    assert row != 2
+    with pytest.raises(DataError, match=rf"row {row} of pairs: .*broken\.jpg: corrupt"):
         prepare(manifest, Preprocess(image_size=32), cache_dir=root / "cache", progress=False)
     prepared = prepare(
         manifest, Preprocess(image_size=32), cache_dir=root / "cache", progress=False, skip_unreadable=True

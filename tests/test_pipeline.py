@@ -154,7 +154,7 @@ def test_unreadable_images_raise_naming_them_or_are_skipped(tmp_path):
 
     prepared = prepare(m, Preprocess(image_size=32), cache_dir=tmp_path / "c", skip_unreadable=True, progress=False)
     assert sorted(Path(p).name for p in prepared.skipped["path"]) == sorted(bad)
-    reasons = dict(zip(prepared.skipped["path"].map(lambda p: Path(p).name), prepared.skipped["reason"]))
+    reasons = dict(zip(prepared.skipped["path"].map(lambda p: Path(p).name), prepared.skipped["detail"]))
     assert reasons["missing.jpg"] == "file not found" and reasons["empty.png"] == "empty file"
     assert len(prepared.manifest) == len(paths)
     xs, ys = [], []
@@ -252,3 +252,167 @@ def test_colour_jitter_is_mild(tmp_path, jitter):
     )
     assert 0.8 < _saturation(jittered) / _saturation(plain) < 1.2
     assert abs(jittered.mean() - plain.mean()) < 0.15 * plain.mean()
+
+
+# --- EXIF orientation -------------------------------------------------------------------------
+
+
+def asymmetric(height=40, width=64):
+    """An image that every one of the 8 EXIF orientations changes visibly."""
+    image = np.full((height, width, 3), 20, np.uint8)
+    image[: height // 4, : width // 3] = (250, 40, 40)
+    image[-height // 4 :, -width // 5 :] = (40, 250, 40)
+    image[height // 3 : height // 2, width // 3 : width // 2] = 140
+    return image
+
+
+def jpeg_with_orientation(path, array, orientation, **kwargs):
+    """A JPEG written by Pillow with an EXIF orientation tag (and another tag before it)."""
+    exif = Image.Exif()
+    exif[0x010F] = "kfundus test camera"  # Make: the orientation is not the first entry
+    exif[0x0112] = orientation
+    Image.fromarray(array).save(path, "JPEG", exif=exif, quality=95, **kwargs)
+    return str(path)
+
+
+ORIENTATIONS = {  # what PIL.ImageOps.exif_transpose does for each tag, for the "closest" check
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, 3),
+    7: lambda a: np.rot90(a.transpose(1, 0, 2), 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_like_pillow(tmp_path, orientation):
+    from PIL import ImageOps
+
+    path = jpeg_with_orientation(tmp_path / "o.jpg", asymmetric(), orientation)
+    with Image.open(path) as stored:
+        reference = np.asarray(ImageOps.exif_transpose(stored).convert("RGB")).astype(int)
+        raw = np.asarray(stored.convert("RGB"))
+    image = decode(tf.io.read_file(path), 40).numpy().astype(int)
+    assert image.shape == reference.shape
+    assert np.abs(image - reference).mean() < 2  # two JPEG decoders: a pixel level or so apart
+    # and no other orientation comes close: the tag, not chance, decides the result
+    errors = {
+        o: np.abs(f(raw).astype(int) - image).mean() for o, f in ORIENTATIONS.items() if f(raw).shape == image.shape
+    }
+    assert min(errors, key=errors.get) == orientation and sorted(errors.values())[1] > 20
+
+
+def test_exif_orientation_survives_the_reduced_decode_and_prepare(tmp_path):
+    """A big photo stored sideways with tag 6, decoded at 1/4 size in the DCT domain, and an
+    upright copy without a tag: the cache holds the same picture for both."""
+    upright = asymmetric(400, 640)
+    sideways = np.rot90(upright, 1).copy()  # stored turned 90 degrees counter-clockwise ...
+    tagged = jpeg_with_orientation(tmp_path / "tagged.jpg", sideways, 6)  # ... so tag 6 turns it back
+    plain = write(tmp_path / "plain.jpg", upright, quality=95)
+    assert decode(tf.io.read_file(tagged), 100).shape[:2] == (100, 160)  # ratio 4, upright
+    m = manifest_of([tagged, plain], [1, 0])
+    prepared = prepare(m, Preprocess(image_size=48, crop_fundus=False), cache_dir=tmp_path / "c", progress=False)
+    x = next(iter(make_dataset(prepared, batch_size=2, with_targets=False))).numpy()
+    assert np.abs(x[0] - x[1]).mean() < 3
+    assert np.abs(x[0] - np.rot90(x[1], 1)[:48, :48]).mean() > 20  # without the tag they would differ
+
+
+def test_jpeg_without_exif_or_with_broken_exif_is_unchanged(tmp_path):
+    from kfundus.data.pipeline import exif_orientation
+
+    array = asymmetric()
+    plain = write(tmp_path / "plain.jpg", array, quality=95)
+    broken = tmp_path / "broken.jpg"  # an Exif segment whose TIFF header is garbage
+    data = Path(plain).read_bytes()
+    broken.write_bytes(data[:2] + b"\xff\xe1\x00\x10Exif\x00\x00XX\x00\x00\x00\x00" + data[2:])
+    for path in (plain, str(broken)):
+        assert int(exif_orientation(tf.io.read_file(path))) == 1
+        assert decode(tf.io.read_file(path), 40).shape == (40, 64, 3)
+    assert int(exif_orientation(tf.constant(b""))) == 1
+
+
+# --- images far smaller than the target -------------------------------------------------------
+
+
+def small_and_large(tmp_path):
+    paths = [write(tmp_path / f"big{i}.png", fundus_like(64, 64, 30, value=(90 + 40 * i,) * 3)) for i in range(4)]
+    paths.insert(1, write(tmp_path / "tiny.png", fundus_like(20, 24, 9)))
+    return manifest_of(paths, [0, 1, 0, 1, 1])
+
+
+def test_small_images_are_reported_skipped_or_refused(tmp_path, monkeypatch):
+    import kfundus.data.pipeline as pipeline
+
+    m = small_and_large(tmp_path)
+    config = Preprocess(image_size=64)
+    with pytest.warns(
+        UserWarning,
+        match=r"(?s)1 of 5 image\(s\).*far smaller than data.image_size=64.*tiny.png.*"
+        r"--set data.small_images=skip",
+    ):
+        kept = prepare(m, config, cache_dir=tmp_path / "c", progress=False)
+    assert len(kept) == 5 and kept.small["path"].map(lambda p: Path(p).name).tolist() == ["tiny.png"]
+    assert "24x20 px" in kept.small["detail"].iloc[0]
+    # the sizes are in the cache index: the other policies need no second decode
+    monkeypatch.setattr(pipeline, "_build_cache", lambda *a: pytest.fail("the cache was rebuilt"))
+    with pytest.warns(UserWarning, match="skipped"):
+        skipped = prepare(m, config, cache_dir=tmp_path / "c", small_images="skip", progress=False)
+    assert len(skipped) == 4 and skipped.skipped["reason"].tolist() == ["too_small"]
+    assert skipped.skipped["row"].tolist() == [1]
+    x = np.concatenate([b.numpy() for b in make_dataset(skipped, batch_size=3, with_targets=False)])
+    assert len(x) == 4 and (x.reshape(4, -1).max(axis=1) >= 90).all()  # the big images, in order
+    with pytest.raises(DataError, match=r"(?s)tiny.png.*--set data.small_images=skip"):
+        prepare(m, config, cache_dir=tmp_path / "c", small_images="error", progress=False)
+    # at a target the tiny image fits, nothing is reported
+    monkeypatch.undo()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(prepare(m, Preprocess(image_size=32), cache_dir=tmp_path / "c", progress=False).small) == 0
+
+
+# --- messages name the user's file row; nothing usable is an error ------------------------------
+
+
+def test_decode_errors_name_the_row_of_the_users_file(tmp_path):
+    from kfundus.data.readers import read_csv
+    from kfundus.data.splits import split_patients
+
+    rows = []
+    for i in range(12):
+        write(tmp_path / f"p{i}.png", fundus_like(40, 40, 18, value=(80 + 10 * i,) * 3))
+        rows.append(f"p{i}.png,p{i},{i % 2}")
+    (tmp_path / "p7.png").write_bytes(b"this is not a PNG")
+    # a blank line before the data: file rows count it, as a spreadsheet does
+    (tmp_path / "labels.csv").write_text("image,patient_id,y\n\n" + "\n".join(rows) + "\n")
+    m = read_csv(tmp_path / "labels.csv")
+    split = split_patients(m, val=0.25, test=0.25, seed=0)
+    part = next(s for s in split.values() if "p7" in set(s.frame["patient_id"]))
+    position = int(np.flatnonzero(part.frame["patient_id"] == "p7")[0])
+    with pytest.raises(DataError) as err:
+        prepare(part, Preprocess(image_size=32), cache_dir=tmp_path / "c", progress=False)
+    message = str(err.value)
+    assert f"row 10 of {tmp_path / 'labels.csv'}: {tmp_path / 'p7.png'}: not an image" in message
+    assert f"row {position}:" not in message and "--set data.skip_unreadable=true" in message
+    assert m.frame["source_row"].tolist() == list(range(3, 15))  # the blank line 2 is counted
+
+
+def test_every_image_unreadable_with_skip_unreadable_says_so(tmp_path):
+    paths = []
+    for i in range(3):
+        (tmp_path / f"bad{i}.jpg").write_bytes(b"\xff\xd8\xff" + os.urandom(100))
+        paths.append(str(tmp_path / f"bad{i}.jpg"))
+    with pytest.raises(
+        DataError, match=r"(?s)none of the 3 image\(s\) of dataset 't' can be used \(3 unreadable\).*bad0"
+    ):
+        prepare(
+            manifest_of(paths),
+            Preprocess(image_size=32),
+            cache_dir=tmp_path / "c",
+            skip_unreadable=True,
+            progress=False,
+        )

@@ -137,13 +137,14 @@ def test_read_odir_missing_image_names_row_or_skips(tmp_path):
     path = _odir(tmp_path)
     missing = tmp_path / "images" / "2_right.jpg"
     missing.unlink()
-    with pytest.raises(DataError, match=r"row 3: .*2_right.jpg[\s\S]*skip_missing=True"):
+    with pytest.raises(DataError, match=r"row 3: .*2_right.jpg[\s\S]*--set data.options.skip_missing=true"):
         sources.read_odir(path)
     with pytest.warns(UserWarning, match="skipped 1 row"):
         m = sources.read_odir(path, skip_missing=True)
     assert len(m) == 5 and str(missing) not in set(m.frame["image"])
     assert m.skipped["path"].tolist() == [str(missing)]
-    assert "row 3" in m.skipped["reason"].iloc[0]
+    assert m.skipped["source_row"].tolist() == [3] and m.skipped["reason"].tolist() == ["missing"]
+    assert "row 3" in m.skipped["detail"].iloc[0]
     with pytest.warns(UserWarning, match="skipped 1 row"):
         p = sources.read_odir(path, level="patient", skip_missing=True)
     assert p.frame["patient_id"].tolist() == ["1", "3"]
@@ -468,6 +469,183 @@ def test_select_labels(tmp_path):
 def test_select_labels_multiclass_needs_drop_empty(tmp_path):
     _kermany(tmp_path, {"CNV": 1, "NORMAL": 2}, split_names=("train",))
     m = sources.read_class_folders(tmp_path)
-    with pytest.raises(DataError, match="drop_empty=True"):
+    with pytest.raises(DataError, match="--set data.drop_empty=true"):
         sources.select_labels(m, ["NORMAL"])
     assert len(sources.select_labels(m, ["NORMAL"], drop_empty=True)) == 2
+
+
+# ------------------------------------------------------------ ODIR keyword table
+
+
+def test_keyword_table_reproduces_every_patient_label_of_the_kaggle_table(shared_sources):
+    """The keyword table, applied per eye and joined per patient, gives the graders' N..O of
+    every patient of Kaggle's full_df.csv (the table was derived from it: this guards it)."""
+    df = pd.read_csv(shared_sources / "odir5k_full_df.csv", dtype=str, keep_default_na=False)
+    patients = df.drop_duplicates("ID")
+    cells = pd.concat([patients["Left-Diagnostic Keywords"], patients["Right-Diagnostic Keywords"]])
+    seen = {k for cell in cells for k in kl.split_keywords(cell)}
+    assert len(seen) == len(kl.ODIR_KEYWORDS) == 94 and all(kl.is_odir_keyword(k) for k in seen)
+    derived = pd.DataFrame(
+        [
+            kl.odir_patient_labels(kl.odir_keywords_to_labels(a), kl.odir_keywords_to_labels(b))
+            for a, b in zip(patients["Left-Diagnostic Keywords"], patients["Right-Diagnostic Keywords"])
+        ]
+    )
+    truth = patients[kl.ODIR_LABELS].astype(int).reset_index(drop=True)
+    assert len(truth) == 3358
+    pd.testing.assert_frame_equal(derived[kl.ODIR_LABELS], truth)
+
+
+def test_keyword_lookup_ignores_case_spacing_and_hyphens_without_collisions():
+    compact = [k.replace(" ", "").replace("-", "") for k in kl.ODIR_KEYWORDS]
+    assert len(set(compact)) == len(compact)
+    assert kl.odir_keyword_label("Mild Non-Proliferative  Retinopathy") == "D"
+    assert kl.odir_keyword_label("moderate nonproliferative retinopathy") == "D"
+    assert kl.odir_keyword_label("LENS DUST") is None
+    with pytest.raises(DataError, match="--set data.options.unknown_keywords=other"):
+        kl.odir_keyword_label("glaucom")
+    assert kl.odir_keyword_label("glaucom", "other") == "O" and kl.odir_keyword_label("glaucom", "ignore") is None
+
+
+def test_keyword_separators_include_the_ideographic_comma_and_semicolons():
+    assert kl.split_keywords("glaucoma、cataract；lens dust;drusen，laser spot,normal fundus") == [
+        "glaucoma",
+        "cataract",
+        "lens dust",
+        "drusen",
+        "laser spot",
+        "normal fundus",
+    ]
+    assert kl.odir_keywords_to_labels("glaucoma、cataract") == {
+        **dict.fromkeys(kl.ODIR_LABELS, 0),
+        "G": 1,
+        "C": 1,
+    }
+
+
+def test_unknown_keywords_stop_with_count_and_rows_or_follow_the_option(tmp_path):
+    rows = [
+        (1, 60, "Female", "glaucom", "normal fundus", "00100000"),  # a typo
+        (2, 51, "Male", "normal fundus", "macular scar", "00000001"),  # not an ODIR keyword
+        (3, 70, "Male", "glaucom，cataract", "normal fundus", "00110000"),
+        (4, 64, "Female", "cataract/glaucoma", "normal fundus", "00110000"),  # another separator
+    ]
+    path = _odir(tmp_path, rows)
+    with pytest.raises(DataError) as err:
+        sources.read_odir(path)
+    message = str(err.value)
+    assert "3 diagnostic keyword(s) are not ODIR-5K keywords" in message
+    assert "'glaucom': 2 time(s), row(s) [2, 4] (did you mean 'glaucoma'?)" in message
+    assert "'macular scar': 1 time(s), row(s) [3]" in message and "'cataract/glaucoma'" in message
+    assert "--set data.options.unknown_keywords=other" in message
+    with pytest.warns(UserWarning, match=r"(?s)data.options.unknown_keywords=other makes them the O label.*glaucom"):
+        other = sources.read_odir(path, unknown_keywords="other")
+    with pytest.warns(UserWarning, match="give no label"):
+        ignored = sources.read_odir(path, unknown_keywords="ignore")
+    left = lambda m, i: m.frame[(m.frame["patient_id"] == str(i)) & (m.frame["eye"] == "left")].iloc[0]
+    assert left(other, 1)["O"] == 1 and left(ignored, 1)[kl.ODIR_LABELS].sum() == 0
+    assert left(other, 3)["O"] == 1 and left(other, 3)["C"] == 1 and left(ignored, 3)["O"] == 0
+    with pytest.raises(ConfigError, match=r"data.options.unknown_keywords='maybe'.*--set"):
+        sources.read_odir(path, unknown_keywords="maybe")
+
+
+def test_real_odir_sample_has_no_unknown_keyword(odir_sample):
+    table = pd.read_csv(odir_sample / "annotation.csv", dtype=str, keep_default_na=False)
+    cells = pd.concat([table["Left-Diagnostic Keywords"], table["Right-Diagnostic Keywords"]])
+    assert all(kl.is_odir_keyword(k) for cell in cells for k in kl.split_keywords(cell))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert len(sources.read_odir(odir_sample / "annotation.csv", unknown_keywords="error")) == 950
+
+
+# ------------------------------------------------------------ patient identity
+
+
+def _two_eye_table(tmp_path, header, n=30, name="labels.csv", image=lambda i, s: f"{i}_{s}.png", patient=str):
+    rows = []
+    for i in range(n):
+        for side in ("left", "right"):
+            _image(tmp_path / image(i, side))
+            rows.append((image(i, side), patient(i), int(i % 2 == 0), int(i % 3 == 0)))
+    return _csv(tmp_path / name, header, rows)
+
+
+@pytest.mark.parametrize("column", ["Patient ID", "PatientID", "patient", "subject_id", "case_id", "patient_no"])
+def test_csv_patient_column_with_another_name_keeps_a_patients_eyes_together(tmp_path, column):
+    path = _two_eye_table(tmp_path, ["image", column, "x", "y"], image=lambda i, s: f"img{i}{s[0]}.png")
+    m = sources.read_csv(path)
+    assert m.labels == ["x", "y"] and m.frame["patient_id"].nunique() == 30
+    from kfundus.data.splits import split_patients
+
+    for seed in range(3):
+        check_patient_disjoint(split_patients(m, val=0.2, test=0.2, seed=seed))
+
+
+def test_csv_patient_column_declared_by_option_or_the_error_says_how(tmp_path):
+    path = _two_eye_table(tmp_path, ["image", "person", "x", "y"], image=lambda i, s: f"img{i}{s[0]}.png")
+    m = sources.load_source("csv", path, patient_column="person", label_columns=["x", "y"])
+    assert m.frame["patient_id"].nunique() == 30
+    with pytest.raises(DataError, match=r"no patient column 'persn'.*--set data.options.patient_column=NAME"):
+        sources.read_csv(path, patient_column="persn", label_columns=["x", "y"])
+    # no column, names that do not say the eye: each image its own patient, with a warning
+    with pytest.warns(UserWarning, match=r"every image is taken as its own patient.*--set data.options.patient_column"):
+        alone = sources.read_csv(path, label_columns=["x", "y"])
+    assert alone.frame["patient_id"].nunique() == 60
+    # naming the image column declares one image per patient: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert (
+            sources.read_csv(path, patient_column="image", label_columns=["x", "y"]).frame["patient_id"].nunique() == 60
+        )
+
+
+@pytest.mark.parametrize(
+    "naming",
+    [
+        lambda i, s: f"{i}_{s}.png",
+        lambda i, s: f"{i}_{s[0].upper()}.png",
+        lambda i, s: f"{i}-{'OS' if s == 'left' else 'OD'}.jpg",
+    ],
+)
+def test_csv_without_patient_column_takes_patient_and_eye_from_eye_names(tmp_path, naming):
+    path = _two_eye_table(tmp_path, ["image", "label_a", "x", "y"], image=naming)  # label_a: a 4th column
+    with pytest.warns(UserWarning, match=r"patient id and the eye were taken from the image names"):
+        m = sources.read_csv(path, label_columns=["x", "y"])
+    assert m.frame["patient_id"].tolist() == [str(i) for i in range(30) for _ in range(2)]
+    assert m.frame["eye"].tolist() == ["left", "right"] * 30
+    from kfundus.data.splits import split_patients, to_patients
+
+    check_patient_disjoint(split_patients(m, val=0.2, test=0.2, seed=1))
+    assert len(to_patients(m)) == 30
+
+
+def test_csv_with_some_eye_names_and_no_patient_column_stops(tmp_path):
+    rows = [("7_left.png", 1), ("7_right.png", 0), ("scan_b.png", 1), ("scan_c.png", 0)]
+    for name, _ in rows:
+        _image(tmp_path / name)
+    path = _csv(tmp_path / "t.csv", ["image", "y"], rows)
+    with pytest.raises(
+        DataError, match=r"(?s)no patient column.*'7_left.png', '7_right.png'.*--set data.options.patient_column"
+    ):
+        sources.read_csv(path)
+
+
+def test_readers_of_sources_without_patient_ids_find_a_patient_column(tmp_path):
+    # CGI-HRDC: one image per patient, quietly; a table that has patient ids is read with them
+    rows = [(f"{i}{s}.png", f"P{i}", i % 2) for i in range(6) for s in "ab"]
+    for name, _, _ in rows:
+        _image(tmp_path / "images" / name)
+    path = _csv(tmp_path / "labels.csv", ["Image", "Patient_ID", "Hypertensive"], rows)
+    m = sources.read_hrdc(path)
+    assert m.frame["patient_id"].tolist() == [f"P{i}" for i in range(6) for _ in "ab"]
+    # APTOS layout with a patient column
+    aptos = [(f"img{i}{s}", f"p{i}", i % 5) for i in range(5) for s in "ab"]
+    for name, _, _ in aptos:
+        _image(tmp_path / "train_images" / f"{name}.png")
+    path = _csv(tmp_path / "train.csv", ["id_code", "diagnosis", "subject"], [(a, c, b) for a, b, c in aptos])
+    m = sources.read_dr_grades(path)
+    assert m.frame["patient_id"].nunique() == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # APTOS, IDRiD, RFMiD, CGI-HRDC: one image per patient, documented
+        alone = _csv(tmp_path / "train2.csv", ["id_code", "diagnosis"], [(a, c) for a, _, c in aptos])
+        assert sources.read_dr_grades(alone, tmp_path / "train_images").frame["patient_id"].nunique() == 10

@@ -88,9 +88,9 @@ def test_val_zero_means_no_val_split():
 
 
 def test_bad_fractions():
-    with pytest.raises(ConfigError, match="val \\+ test"):
+    with pytest.raises(ConfigError, match="data.split.val \\+ data.split.test"):
         split_patients(_toy(), val=0.5, test=0.5)
-    with pytest.raises(ConfigError, match="test=-0.1"):
+    with pytest.raises(ConfigError, match=r"data.split.test=-0.1.*--set data.split.test=0.15"):
         split_patients(_toy(), test=-0.1)
 
 
@@ -120,14 +120,16 @@ def test_user_split_with_a_patient_in_two_splits_raises_with_its_id():
     with pytest.raises(DataError, match=r"patient 'p1' is in both the 'train' and the 'test' split"):
         split_patients(bad)
     parts = {s: bad.subset(frame["split"] == s) for s in ("train", "test")}
-    with pytest.raises(DataError, match=r"'p1'.*use_official=False"):
+    with pytest.raises(DataError, match=r"'p1'.*--set data.split.official=false"):
         check_patient_disjoint(parts)
     check_patient_disjoint({s: m.subset(m.frame["split"] == s) for s in ("train", "test")})
 
 
 def test_unknown_official_split_value():
     m = _toy(n_patients=4, split=["train", "train", "holdout", "test"])
-    with pytest.raises(DataError, match=r"row 4 .*'holdout'"):
+    with pytest.raises(
+        DataError, match=r"row 4 \(.*2_left.png\) of .* has split 'holdout'.*--set data.split.official=false"
+    ):
         split_patients(m)
 
 
@@ -144,7 +146,7 @@ def test_kfold_covers_every_patient_once(odir_sample):
         assert not (_patients(train) & _patients(val))
         assert len(train) + len(val) == len(m)
         assert abs(val.frame["patient_G"].mean() - overall) < 0.03
-    with pytest.raises(DataError, match="lower k"):
+    with pytest.raises(DataError, match="lower --set transfer.folds"):
         kfold(_toy(n_patients=3), 5)
 
 

@@ -186,11 +186,15 @@ def _coerce(value, hint, where):
 
 
 class _Checker:
-    def __init__(self, where: str):
-        self.where = where
+    def __init__(self, where: str, set_keys=()):
+        self.where, self.set_keys = where, set(set_keys)
+
+    def origin(self, key):
+        """Where a value came from: the --set that gave it, else the config file."""
+        return f"--set {key}" if key in self.set_keys else self.where
 
     def fail(self, key, value, rule, example):
-        raise ConfigError(f"{self.where}: {key}={value!r} {rule} (e.g. --set {key}={example})")
+        raise ConfigError(f"{self.origin(key)}: {key}={value!r} {rule} (e.g. --set {key}={example})")
 
     def at_least(self, key, value, low, example=None):
         if value is not None and value < low:
@@ -207,17 +211,21 @@ class _Checker:
     def choice(self, key, value, choices):
         if value not in choices:
             raise ConfigError(
-                f"{self.where}: {key}={value!r}: use one of {list(choices)} (e.g. --set {key}={list(choices)[0]})"
+                f"{self.origin(key)}: {key}={value!r}: use one of {list(choices)} (e.g. --set {key}={list(choices)[0]})"
             )
 
 
-def check_config(config: Config, where: str = "config") -> Config:
-    """Check every value that has a range; raise ConfigError naming the key and the fix."""
-    c = _Checker(where)
+def check_config(config: Config, where: str = "config", set_keys=()) -> Config:
+    """Check every value that has a range; raise ConfigError naming the key, where it came
+    from (``set_keys``: the keys given with ``--set``, else the file ``where``) and the fix."""
+    c = _Checker(where, set_keys)
     c.choice("workflow", config.workflow, WORKFLOWS)
     c.choice("distribution", config.distribution, DISTRIBUTIONS)
     d, t, m = config.data, config.train, config.model
     c.at_least("data.image_size", d.image_size, MIN_IMAGE_SIZE, 224)
+    c.choice("data.small_images", d.small_images, ("warn", "skip", "error"))
+    if "unknown_keywords" in d.options:
+        c.choice("data.options.unknown_keywords", d.options["unknown_keywords"], ("error", "other", "ignore"))
     c.fraction("data.split.val", d.split.val)
     c.fraction("data.split.test", d.split.test)
     if d.split.val + d.split.test >= 1:
@@ -246,6 +254,8 @@ def check_config(config: Config, where: str = "config") -> Config:
     c.at_least("train.focal_gamma", t.focal_gamma, 0, 2)
     if not 0 < t.beta_2 < 1:
         c.fail("train.beta_2", t.beta_2, "must be in (0, 1)", 0.999)
+    if t.layer_decay is not None and not 0 < t.layer_decay <= 1:
+        c.fail("train.layer_decay", t.layer_decay, "must be in (0, 1] or null", 0.65)
     c.choice("train.checkpoint", t.checkpoint, ("best", "last"))
     c.choice("train.schedule", t.schedule, ("cosine", "constant"))
     c.choice("train.optimizer", t.optimizer.lower(), ("adam", "adamw", "sgd"))
@@ -266,6 +276,12 @@ def check_config(config: Config, where: str = "config") -> Config:
         raise ConfigError(f"{where}: export.tflite has {bad}; use some of {list(variants)}")
     c.at_least("text.sequence_length", config.text.sequence_length, 2, 77)
     c.at_least("text.vocabulary_size", config.text.vocabulary_size, 8, 2000)
+    caption = config.zero_shot.caption
+    if caption is not None and "[CLS]" not in caption:
+        raise ConfigError(
+            f"{where}: zero_shot.caption={caption!r} has no [CLS] (where each class description goes); "
+            "e.g. --set 'zero_shot.caption=A fundus photograph of [CLS]', or null to use the prompts as they are"
+        )
     x = config.transfer
     c.at_least("transfer.folds", x.folds, 2, 5)
     bad = [p for p in x.protocols if p not in ("lp", "ft", "lp_ft")]
@@ -333,7 +349,8 @@ def load_config(spec=None, overrides: list[str] | None = None, *, workflow: str 
             f"kfundus {declared} --config {spec}"
         )
     data = _merge(WORKFLOW_DEFAULTS[declared], {**data, "workflow": declared})
-    return check_config(_build(Config, data, where), where)
+    set_keys = [item.split("=", 1)[0].strip() for item in overrides or []]
+    return check_config(_build(Config, data, where), where, set_keys)
 
 
 def config_to_dict(config: Config) -> dict:

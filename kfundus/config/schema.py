@@ -3,8 +3,9 @@
 A config has shared sections, ``data``, ``model``, ``train`` and ``export``, that
 supervised training (``kfundus train``), RET-CLIP pre-training (``kfundus pretrain``) and
 the transfer study (``kfundus transfer``) all read, plus the sections only one workflow
-reads: ``text`` and ``zero_shot`` (pre-training), ``transfer`` (the transfer study). The
-top-level ``workflow`` key says which command a config is for.
+reads: ``text`` and ``zero_shot`` (pre-training; ``zero_shot`` also ``kfundus zero-shot``),
+``transfer`` (the transfer study). The top-level ``workflow`` key says which command a config
+is for.
 
 This module is plain Python (no TensorFlow): reading and checking a config is instant.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-WORKFLOWS = ("train", "pretrain", "transfer")
+WORKFLOWS = ("train", "pretrain", "transfer", "zero_shot")
 DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
 
 
@@ -71,7 +72,11 @@ class DataConfig:
     odir, csv, retclip); ``options`` are passed to it. ``labels`` keeps a subset of the
     label columns (e.g. ODIR per-eye N, G, C; the transfer study takes exactly one);
     ``drop_empty`` drops rows with none of them. ``flip`` (pre-training only) mirrors both
-    eyes of a pair and swaps them, with the report's sides.
+    eyes of a pair and swaps them, with the report's sides. ``skip_unreadable`` skips (and
+    lists in the run's ``skipped.csv``) images that do not decode instead of stopping;
+    ``small_images`` decides about images far smaller than ``image_size`` (enlarged more than
+    2x): ``warn`` (keep them, with a warning), ``skip`` (leave them out, listed in
+    ``skipped.csv``) or ``error``.
     """
 
     source: str = "odir"
@@ -83,6 +88,7 @@ class DataConfig:
     crop_fundus: bool = True
     cache_dir: str | None = None
     skip_unreadable: bool = False
+    small_images: str = "warn"
     flip: bool = False
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
     augment: Augment = dataclasses.field(default_factory=Augment)
@@ -122,7 +128,10 @@ class TrainConfig:
     then use the averaged weights. ``seed`` seeds initialisation, shuffling and
     augmentation; ``deterministic`` switches on TensorFlow's op determinism while training, so
     the same config and seed give the same weights on the same machine (off: a little faster,
-    not repeatable). ``steps_per_epoch``: null = one pass over the data."""
+    not repeatable). ``steps_per_epoch``: null = one pass over the data. ``layer_decay``:
+    layer-wise learning-rate decay (AdamW only; systems that define layer depths, e.g.
+    retfound): a variable ``d`` layers below the head learns at ``layer_decay ** d`` times
+    the rate (RETFound: 0.65); null: off."""
 
     epochs: int = 20
     loss: str = "bce"
@@ -145,6 +154,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = True
     steps_per_epoch: int | None = None
+    layer_decay: float | None = None
 
 
 @dataclasses.dataclass
@@ -171,24 +181,35 @@ class TextConfig:
 
 @dataclasses.dataclass
 class ZeroShotConfig:
-    """Per-eye zero-shot classes (pre-training evaluation): ``prompts`` maps a class to
+    """Zero-shot classes. Pre-training evaluation (per eye): ``prompts`` maps a class to
     prompt templates (``{eye}`` becomes left / right; several templates are averaged);
     ``labels`` maps the class to the per-eye label column of the pairs table (``N`` reads
-    ``left_N`` / ``right_N``)."""
+    ``left_N`` / ``right_N``). ``kfundus zero-shot`` (a converted FLAIR or RET-CLIP model on a
+    classification dataset): ``labels`` maps each class to a label column of the dataset,
+    ``prompts`` optionally gives a class its descriptions, ``caption`` is the template each
+    description is put into (``[CLS]`` marks the place; FLAIR: "A fundus photograph of [CLS]";
+    null: the prompts as they are), and ``expert_knowledge`` uses FLAIR's expert descriptions
+    of a class (plus its name) where ``prompts`` gives none."""
 
     prompts: dict = dataclasses.field(default_factory=dict)
     labels: dict = dataclasses.field(default_factory=dict)
+    caption: str | None = None
+    expert_knowledge: bool = True
 
 
 @dataclasses.dataclass
 class BackboneSpec:
     """One backbone of the transfer study.
 
-    ``name`` labels it in the table; ``family`` (efficientnet_b0, clip, vit) is implied by
-    the names efficientnet_b0, clip, retclip and vit. ``weights``: ``imagenet`` or a local
-    ``efficientnetb0_notop.h5`` (EfficientNet-B0); a keras-hub preset name or local preset
-    folder (clip, vit); null: random initialisation (seeded, the same start in every fold
-    and protocol). ``encoder_config``: keras-hub encoder sizes for a random clip/vit."""
+    ``name`` labels it in the table; ``family`` (efficientnet_b0, clip, vit, flair) is implied
+    by the names efficientnet_b0, clip, retclip, vit and flair. ``weights``: ``imagenet`` or a
+    local ``efficientnetb0_notop.h5`` (EfficientNet-B0); a keras-hub preset name or local preset
+    folder (clip, vit; a converted RET-CLIP folder is one); a folder ``kfundus convert --from
+    flair`` wrote (flair: the FLAIR ResNet-50, or a torchvision ImageNet ResNet-50 converted the
+    same way); a folder ``kfundus convert --from retfound`` wrote, or ``retfound:/path/file.pth``
+    (retfound: the RETFound ViT, global-pool + fc_norm feature); null: random initialisation
+    (seeded, the same start in every fold and protocol). ``encoder_config``: keras-hub encoder
+    sizes for a random clip/vit, ResNet sizes for flair, ViT sizes for a random retfound."""
 
     name: str = "random"
     family: str | None = None
@@ -196,8 +217,15 @@ class BackboneSpec:
     encoder_config: dict = dataclasses.field(default_factory=dict)
 
 
-BACKBONE_FAMILIES = ("efficientnet_b0", "clip", "vit")
-NAME_FAMILY = {"efficientnet_b0": "efficientnet_b0", "clip": "clip", "retclip": "clip", "vit": "vit"}
+BACKBONE_FAMILIES = ("efficientnet_b0", "clip", "vit", "flair", "retfound")
+NAME_FAMILY = {
+    "efficientnet_b0": "efficientnet_b0",
+    "clip": "clip",
+    "retclip": "clip",
+    "vit": "vit",
+    "flair": "flair",
+    "retfound": "retfound",
+}
 
 
 def backbone_family(spec: BackboneSpec) -> str | None:
@@ -241,7 +269,7 @@ class TransferConfig:
 class Config:
     """The root of every config file.
 
-    ``workflow``: the command the config is for (train, pretrain, transfer).
+    ``workflow``: the command the config is for (train, pretrain, transfer, zero_shot).
     ``description``: one line, shown by ``kfundus configs``. ``distribution``: none |
     mirrored | multi_worker, the data-parallel strategy (``train.batch_size`` is the global
     batch)."""
@@ -286,6 +314,7 @@ WORKFLOW_DEFAULTS = {
     "train": {},
     "pretrain": {"model": {"name": "retclip"}, "train": RETCLIP_TRAIN, "data": {"split": {"val": 0.1, "test": 0.1}}},
     "transfer": {"train": TRANSFER_TRAIN, "data": {"source": "hrdc"}},
+    "zero_shot": {"model": {"name": "flair"}, "data": {"split": {"val": 0.0, "test": 0.0}}},
 }
 
 # Keys of the three configuration roots kfundus had before version 0.2, and where they went.

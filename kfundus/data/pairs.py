@@ -12,7 +12,7 @@ import re
 
 import tensorflow as tf
 
-from kfundus.data.pipeline import Prepared, augmenter, cache_positions
+from kfundus.data.pipeline import Prepared, augmenter, cache_positions, cached_records
 from kfundus.errors import ConfigError, DataError
 
 _SIDE_WORDS = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b|(左)|(右)")
@@ -90,8 +90,7 @@ def make_pair_dataset(
     position_table = tf.constant(cache_positions(prepared))
     record_bytes = 8 + 2 * size * size * 3
 
-    ds = tf.data.TFRecordDataset(prepared.files)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(len(prepared)))
+    ds = cached_records(prepared)
     if repeat:
         ds = ds.repeat()
     if flip:  # one random integer per record, new ones every epoch

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from kfundus import labels as kl
-from kfundus.data.manifest import Manifest
+from kfundus.data.manifest import Manifest, concat_skipped, skipped_rows
 from kfundus.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
@@ -44,8 +44,8 @@ SPLIT_ALIASES = {
 def _patient_ids(manifest: Manifest) -> pd.Series:
     if "patient_id" not in manifest.frame.columns:
         raise DataError(
-            f"the {manifest.name or 'dataset'} manifest has no patient_id column: add one "
-            "(each image its own patient if the source has no patient ids)"
+            f"the {manifest.name or 'dataset'} manifest has no patient_id column, so a split cannot keep a "
+            "patient's images together: name the table's patient column with --set data.options.patient_column=NAME"
         )
     return manifest.frame["patient_id"].astype(str).reset_index(drop=True)
 
@@ -91,10 +91,10 @@ def _official(manifest: Manifest) -> pd.Series:
     split = raw.map(SPLIT_ALIASES)
     if split.isna().any():
         i = int(np.flatnonzero(split.isna().to_numpy())[0])
+        where = manifest.where(i) or f"row {i} ({manifest.frame[manifest.image_columns[0]].iloc[i]})"
         raise DataError(
-            f"row {i} of the {manifest.name or 'dataset'} manifest has split {raw.iloc[i]!r}; "
-            f"the split column takes {sorted(set(SPLIT_ALIASES))}. Fix the column, or pass "
-            "use_official=False to ignore it"
+            f"{where} of the {manifest.name or 'dataset'} manifest has split {raw.iloc[i]!r}; the split column takes "
+            f"{sorted(set(SPLIT_ALIASES))}. Fix the column, or ignore it with --set data.split.official=false"
         )
     return split
 
@@ -122,9 +122,14 @@ def split_patients(manifest: Manifest, *, val=0.15, test=0.15, seed=0, use_offic
     """
     for name, fraction in (("val", val), ("test", test)):
         if not 0 <= fraction < 1:
-            raise ConfigError(f"{name}={fraction} must be a fraction in [0, 1)")
+            raise ConfigError(
+                f"data.split.{name}={fraction} must be a fraction in [0, 1) (e.g. --set data.split.{name}=0.15)"
+            )
     if val + test >= 1:
-        raise ConfigError(f"val + test = {val + test} leaves no training patients; make them sum below 1")
+        raise ConfigError(
+            f"data.split.val + data.split.test = {val + test} leaves no training patients; make them sum below 1 "
+            "(e.g. --set data.split.test=0.15)"
+        )
     pids = _patient_ids(manifest)
     if use_official and "split" in manifest.frame.columns:
         split = _official(manifest)
@@ -133,7 +138,7 @@ def split_patients(manifest: Manifest, *, val=0.15, test=0.15, seed=0, use_offic
         if "train" not in present:
             raise DataError(
                 f"the official split column of {manifest.name or 'the dataset'} has no train rows "
-                f"(only {sorted(present)}): pass use_official=False to split it anew"
+                f"(only {sorted(present)}): split it anew with --set data.split.official=false"
             )
         carve_test = test if "test" not in present else 0.0
         carve_val = val if "val" not in present else 0.0
@@ -165,10 +170,10 @@ def kfold(manifest: Manifest, k=5, *, seed=0) -> list[tuple[Manifest, Manifest]]
         ``k`` pairs ``(train, val)``.
     """
     if k < 2:
-        raise ConfigError(f"k={k}: k-fold needs k >= 2")
+        raise ConfigError(f"transfer.folds={k}: k-fold needs at least 2 folds (e.g. --set transfer.folds=5)")
     pids = _patient_ids(manifest)
     if pids.nunique() < k:
-        raise DataError(f"{pids.nunique()} patients cannot fill {k} folds: lower k")
+        raise DataError(f"{pids.nunique()} patients cannot fill {k} folds: lower --set transfer.folds=N")
     rng = np.random.default_rng(seed)
     patients = _ordered_patients(_patient_strata(manifest, pids, k), rng)
     fold_of = dict(zip(patients, (np.arange(len(patients)) + rng.integers(k)) % k))
@@ -187,11 +192,16 @@ def check_patient_disjoint(splits: dict[str, Manifest]) -> None:
         for other, other_patients in seen.items():
             shared = patients & other_patients
             if shared:
+                patient = sorted(shared)[0]
+                rows = []
+                for m in (splits[other], manifest):
+                    i = int(np.flatnonzero(_patient_ids(m).to_numpy() == patient)[0])
+                    rows.append(m.where(i) or str(m.frame[m.image_columns[0]].iloc[i]))
                 raise DataError(
-                    f"patient {sorted(shared)[0]!r} is in both the {other!r} and the {name!r} split "
-                    f"({len(shared)} patient(s) are shared): a patient's images must stay in one split, or "
-                    "evaluation leaks. Fix the split column so every patient has one split, or call "
-                    "split_patients(..., use_official=False)."
+                    f"patient {patient!r} is in both the {other!r} and the {name!r} split ({rows[0]}; {rows[1]}; "
+                    f"{len(shared)} patient(s) are shared): a patient's images must stay in one split, or "
+                    "evaluation leaks. Fix the split column so every patient has one split, or split anew "
+                    "with --set data.split.official=false."
                 )
         seen[name] = patients
 
@@ -216,15 +226,19 @@ def to_patients(manifest: Manifest) -> Manifest:
     bad = np.flatnonzero(~eye.isin(["left", "right"]).to_numpy())
     if len(bad):
         raise DataError(
-            f"row {bad[0]} (patient {frame['patient_id'].iloc[bad[0]]!r}) has eye "
-            f"{frame['eye'].iloc[bad[0]]!r}: to_patients needs left or right on every row"
+            f"{manifest.where(int(bad[0])) or frame['image'].iloc[bad[0]]} (patient "
+            f"{frame['patient_id'].iloc[bad[0]]!r}) has eye "
+            f"{frame['eye'].iloc[bad[0]]!r}: patient-level rows need left or right on every row "
+            f"({len(bad)} row(s) lack it)"
         )
     key = frame["patient_id"].astype(str)
     dup = pd.Series(list(zip(key, eye))).duplicated().to_numpy()
     if dup.any():
+        i = int(np.flatnonzero(dup)[0])
         raise DataError(
-            f"patient {key.iloc[np.flatnonzero(dup)[0]]!r} has two {eye.iloc[np.flatnonzero(dup)[0]]} "
-            "images: keep one per eye before to_patients"
+            f"patient {key.iloc[i]!r} has two {eye.iloc[i]} images ({manifest.where(i) or frame['image'].iloc[i]} is "
+            "the second): "
+            "patient-level rows need one image per eye; remove the extra rows"
         )
     left = frame[eye == "left"].set_index(key[eye == "left"])
     right = frame[eye == "right"].set_index(key[eye == "right"])
@@ -265,9 +279,10 @@ def to_patients(manifest: Manifest) -> Manifest:
             out[f"left_{c}"], out[f"right_{c}"] = a.to_numpy(), b.to_numpy()
             if c == "grade":
                 out[c] = np.maximum(a.to_numpy(), b.to_numpy())
-    skipped = pd.DataFrame({"path": lone["image"].to_numpy(), "reason": "the patient's other eye is missing"})
-    skipped = pd.concat([manifest.skipped, skipped], ignore_index=True)
-    return Manifest(out, list(labels), manifest.task, manifest.name, skipped)
+    rows = lone["source_row"] if "source_row" in lone.columns else [None] * len(lone)
+    skipped = skipped_rows(rows, lone["image"], "other_eye_missing", "the patient's other eye is missing")
+    skipped = concat_skipped(manifest.skipped, skipped)
+    return Manifest(out, list(labels), manifest.task, manifest.name, skipped, source=manifest.source)
 
 
 def to_eyes(manifest: Manifest) -> Manifest:
@@ -294,4 +309,4 @@ def to_eyes(manifest: Manifest) -> Manifest:
         parts.append(part)
     out = pd.concat(parts, ignore_index=True).sort_values(["_order", "eye"], kind="stable")
     out = out.drop(columns="_order").reset_index(drop=True)
-    return Manifest(out, list(manifest.labels), manifest.task, manifest.name, manifest.skipped)
+    return Manifest(out, list(manifest.labels), manifest.task, manifest.name, manifest.skipped, source=manifest.source)

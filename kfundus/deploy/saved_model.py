@@ -24,8 +24,13 @@ SavedModel signatures (TensorFlow Serving):
   resize) and the same rounding to 8 bits the training cache applies, so a served file
   meets the model exactly as in training. Returns every named model output and the
   label names (``labels``, or ``labels_<output>`` for multi-task models), one row per image.
-  A file that does not decode fails the request (TensorFlow cannot skip one item of a
-  batch); ``kfundus predict`` finds and reports such files instead.
+  A JPEG's EXIF orientation is applied, as in training. Bytes that cannot be an image
+  (empty, no JPEG/PNG/GIF/BMP magic bytes, a JPEG without its end-of-image marker, a PNG
+  without ``IEND``) fail the request with ``InvalidArgumentError`` naming the element,
+  ``image_bytes[3]: truncated JPEG (no end-of-image marker)``
+  (``kfundus.data.pipeline.encoded_image_problem``); data corrupt inside a whole file fails
+  with the decoder's own message (TensorFlow cannot skip one item of a batch); ``kfundus
+  predict`` finds and reports such files instead.
 - ``serving_preprocessed``: float32 images in [0, 255] (already cropped and resized), by
   the Keras input names (``image`` / ``left_image``, ``right_image``) -> the named outputs.
   TFLite files are converted from this one; their signature is ``serving_default``.
@@ -199,24 +204,35 @@ def _label_outputs(labels, out_names) -> dict[str, list[str]]:
 def _bytes_serving_fn(model, preprocess, labels=None):
     """``fn({"<input>_bytes": string batch}) -> outputs + label names``: the training
     pipeline's preprocessing inside the graph (see the module docstring)."""
-    from kfundus.data.pipeline import preprocess_image
+    from kfundus.data.pipeline import encoded_image_problem, preprocess_image
 
     in_names, out_names = io_names(model)
     tensor_fn = _serving_fn(model)
     size = preprocess.image_size
     label_outputs = _label_outputs(labels, out_names)
 
-    def one(contents):
-        # the training cache stores round(preprocess_image(...)) as uint8: the same values
-        return tf.round(preprocess_image(contents, preprocess))
+    def one(name):
+        def run(item):
+            contents, index = item
+            # a bad element fails the request with a message that names it: "image_bytes[3]: ..."
+            problem = encoded_image_problem(contents)
+            where = tf.strings.join([f"{name}_bytes[", tf.strings.as_string(index), "]: ", problem])
+            with tf.control_dependencies([tf.debugging.Assert(tf.equal(problem, ""), [where])]):
+                contents = tf.identity(contents)
+            # the training cache stores round(preprocess_image(...)) as uint8: the same values
+            return tf.round(preprocess_image(contents, preprocess))
+
+        return run
 
     def serve(inputs):
-        images = {
-            name: tf.map_fn(
-                one, inputs[f"{name}_bytes"], fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32)
+        images = {}
+        for name in in_names:
+            batch = inputs[f"{name}_bytes"]
+            images[name] = tf.map_fn(
+                one(name),
+                (batch, tf.range(tf.shape(batch)[0])),
+                fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32),
             )
-            for name in in_names
-        }
         outputs = dict(tensor_fn(images))
         batch = tf.shape(images[in_names[0]])[0]
         for key, names in label_outputs.items():

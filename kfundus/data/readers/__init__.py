@@ -1,10 +1,11 @@
 """Readers for the public retinal-image dataset layouts; each returns a Manifest.
 
 Rows are eyes (``image``) or patients (``left_image``, ``right_image``) with absolute image
-paths, the ``patient_id`` that splits keep together and one 0/1 column per label. Readers
-check the table (required columns, 0/1 labels, unique ids) and that every image exists;
-they do not decode images (the pipeline does). A missing image stops the reader with its
-CSV row, unless ``skip_missing=True``: the row is then dropped and listed in
+paths, the ``patient_id`` that splits keep together, one 0/1 column per label and ``source_row``,
+the row of the user's file. Readers check the table (required columns, 0/1 labels, unique
+ids) and that every image exists; they do not decode images (the pipeline does). A missing
+image stops the reader with its file row, unless ``skip_missing=True``
+(``--set data.options.skip_missing=true``): the row is then dropped and listed in
 ``manifest.skipped``. Row numbers in messages count the header as row 1.
 
 Example: ``select_labels(read_odir("ODIR-5K/annotation.xlsx"), ["N", "G", "C"], drop_empty=True)``
@@ -14,9 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
+import numpy as np
 
-from kfundus.data.manifest import Manifest
+from kfundus.data.manifest import Manifest, concat_skipped, skipped_rows
 from kfundus.data.readers.csv import read_csv
 from kfundus.data.readers.dr import read_dr_grades
 from kfundus.data.readers.folders import read_class_folders
@@ -107,19 +108,26 @@ def select_labels(manifest: Manifest, labels, *, drop_empty=False) -> Manifest:
     if unknown or not labels:
         raise DataError(
             f"label(s) {unknown or labels} are not in the {manifest.name or 'dataset'} "
-            f"labels; valid labels: {manifest.labels}"
+            f"labels; valid labels: {manifest.labels} (e.g. --set 'data.labels=[{', '.join(manifest.labels[:3])}]')"
         )
     out = manifest.with_labels(labels)
     keep = out.frame[labels].to_numpy().sum(axis=1) > 0
     if drop_empty:
-        dropped = pd.DataFrame(
-            {"path": out.frame.loc[~keep, out.image_columns[0]].to_numpy(), "reason": f"none of the labels {labels}"}
-        )
+        if not keep.any():
+            raise DataError(
+                f"none of the {len(keep)} row(s) of {manifest.source or manifest.name or 'the dataset'} has any of "
+                f"the labels {labels}, so data.drop_empty=true leaves nothing; check --set 'data.labels=[...]'"
+            )
+        lost = out.frame[~keep]
+        rows = lost["source_row"] if "source_row" in lost.columns else [None] * len(lost)
+        dropped = skipped_rows(rows, lost[out.image_columns[0]], "no_label", f"none of the labels {labels}")
         out = out.subset(keep)
-        out.skipped = pd.concat([manifest.skipped, dropped], ignore_index=True)
+        out.skipped = concat_skipped(manifest.skipped, dropped)
     elif out.task == "multiclass" and not keep.all():
+        first = int(np.flatnonzero(~keep)[0])
         raise DataError(
-            f"{int((~keep).sum())} row(s) have none of the classes {labels}, so they would have no "
-            "class: pass drop_empty=True to drop them"
+            f"{int((~keep).sum())} row(s) have none of the classes {labels} (e.g. "
+            f"{out.where(first) or out.frame[out.image_columns[0]].iloc[first]}), so they "
+            "would have no class: --set data.drop_empty=true drops them (they are listed in the run's skipped.csv)"
         )
     return out

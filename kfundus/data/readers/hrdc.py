@@ -10,8 +10,10 @@ The challenge ships, per task::
 
 (the label table also circulates as ``.xlsx``). :func:`read_hrdc` takes the table, or a
 folder holding exactly one such table anywhere below it, detects the image and label
-columns, and returns a ``"binary"`` Manifest. CGI-HRDC has no patient ids: each image is
-its own patient unless ``patient_column`` names one. Any other binary CSV goes through
+columns, and returns a ``"binary"`` Manifest. CGI-HRDC has no patient ids and one image per
+patient: each image is its own patient, unless the table has a patient column (a common name
+such as ``patient_id``, or ``patient_column``) or every image name says its eye
+(``12_left.png``), see :func:`kfundus.data.readers.table.resolve_patients`. Any other binary CSV goes through
 ``kfundus.data.readers.read_csv(..., task="binary", label_columns=[...])`` (source ``csv``).
 """
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from kfundus.data.manifest import Manifest
@@ -28,11 +29,15 @@ from kfundus.data.readers.table import (
     absolute_paths,
     check_image_files,
     default_image_dir,
+    file_rows,
     image_file_names,
     int_column,
+    option_hint,
+    patient_column_of,
     read_table,
     require_columns,
     require_unique,
+    resolve_patients,
 )
 from kfundus.errors import DataError
 
@@ -56,13 +61,13 @@ def find_hrdc_table(folder: Path) -> Path:
         )
     raise DataError(
         f"{folder} holds several label tables {[str(p.relative_to(folder)) for p in truths]}: "
-        "give the one to read as path (data.path)"
+        f"give the one to read: --data {truths[0]}"
     )
 
 
 def _pick(df, given, candidates, path, what, option):
     if given is not None:
-        require_columns(df, [given], path, f"Fix {option}=.")
+        require_columns(df, [given], path, f"Fix {option_hint(option, 'NAME')}.")
         return given
     lower = {c.lower(): c for c in df.columns}
     found = [lower[c.lower()] for c in candidates if c.lower() in lower]
@@ -70,7 +75,7 @@ def _pick(df, given, candidates, path, what, option):
         return found[0]
     raise DataError(
         f"{path}: cannot tell the {what} column among {list(df.columns)} (looked for "
-        f"{list(candidates)}); name it with the source option {option}="
+        f"{list(candidates)}); name it with {option_hint(option, 'NAME')}"
     )
 
 
@@ -95,7 +100,9 @@ def read_hrdc(
         label_column: default the first of :data:`LABEL_COLUMNS` present (``Hypertensive``
             for task 1, ``Hypertensive Retinopathy`` for task 2), else the one column
             left besides the image (and patient) column.
-        patient_column: a column of patient ids (default: each image its own patient).
+        patient_column: a column of patient ids (default: a column with a common name,
+            else each image its own patient; see
+            :func:`kfundus.data.readers.table.resolve_patients`).
         check_files, skip_missing: as in :func:`kfundus.data.readers.read_odir`.
 
     Image names without an extension get the first of ``.png, .jpg, .jpeg, .tif`` that
@@ -105,22 +112,23 @@ def read_hrdc(
     if path.is_dir():
         path = find_hrdc_table(path)
     df = read_table(path)
-    if df.empty:
-        raise DataError(f"{path} has no data rows")
     image_col = _pick(df, image_column, IMAGE_COLUMNS, path, "image", "image_column")
+    patient_column = patient_column_of(df, patient_column, path, image_col)
     rest = [c for c in df.columns if c not in (image_col, patient_column)]
     if label_column is None and not any(c.lower() in {x.lower() for x in LABEL_COLUMNS} for c in rest):
         if len(rest) != 1:
             raise DataError(
                 f"{path}: cannot tell the label column among {rest} (looked for "
-                f"{list(LABEL_COLUMNS)}); name it with the source option label_column="
+                f"{list(LABEL_COLUMNS)}); name it with {option_hint('label_column', 'NAME')}"
             )
         label_column = rest[0]
     label_col = _pick(df, label_column, LABEL_COLUMNS, path, "label", "label_column")
-    if patient_column is not None:
-        require_columns(df, [patient_column], path, "Fix patient_column=.")
     names = df[image_col].astype(str)
-    require_unique(names, path, image_col)
+    rows = file_rows(df)
+    require_unique(names, path, image_col, rows)
+    patients, eyes, _ = resolve_patients(
+        df, names, path, patient_column=patient_column, image_column=image_col, source="hrdc", warn_alone=False
+    )
     y = int_column(df, label_col, path)
     folders = [str((path.parent / f).resolve()) for f in IMAGE_FOLDERS]
     probe = image_file_names(names[:1], (".png", ".jpg", ".jpeg", ".tif"), path.parent, False)
@@ -132,11 +140,11 @@ def read_hrdc(
     frame = pd.DataFrame(
         {
             "image": absolute_paths(image_dir, files),
-            "patient_id": (df[patient_column] if patient_column else names).to_numpy(),
-            "eye": "",
+            "patient_id": patients,
+            "eye": eyes if eyes is not None else "",
             label_col: y,
-            "_row": np.arange(len(df)) + 2,
+            "source_row": rows,
         }
     )
     frame, skipped = check_image_files(frame, path, ["image"], check_files, skip_missing, image_dir)
-    return Manifest(frame, [label_col], "binary", "hrdc", skipped)
+    return Manifest(frame, [label_col], "binary", "hrdc", skipped, source=str(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 import warnings
 from pathlib import Path
@@ -20,6 +21,7 @@ from kfundus.data.readers.table import (
     clean_id,
     default_image_dir,
     file_row,
+    file_rows,
     first_index,
     read_table,
     require_columns,
@@ -45,8 +47,52 @@ def eye_text(eye: str, keywords: str) -> str:
     return f"{eye} eye: {', '.join(words) if words else 'no keywords'}."
 
 
-def keyword_labels(keywords) -> pd.DataFrame:
-    return pd.DataFrame([kl.odir_keywords_to_labels(k) for k in keywords], columns=kl.ODIR_LABELS)
+def keyword_labels(keywords, unknown: str = "error") -> pd.DataFrame:
+    """Per-eye labels of keyword cells (:func:`kfundus.labels.odir_keywords_to_labels`)."""
+    return pd.DataFrame(
+        [kl.odir_keywords_to_labels(k, unknown) for k in keywords], columns=kl.ODIR_LABELS, dtype="int64"
+    )
+
+
+def check_keywords(cells, rows, path, unknown: str) -> None:
+    """Report every keyword of ``cells`` (keyword cells; ``rows``: the file row of each)
+    that is not an ODIR-5K keyword, with its count and rows.
+
+    ``unknown`` (``data.options.unknown_keywords``) decides: ``error`` stops with the list
+    and the fix; ``other`` (label O) and ``ignore`` (no label) go on with a warning that
+    lists them.
+
+    Raises:
+        DataError: unknown keywords with ``unknown="error"``.
+    """
+    check_choice("unknown_keywords", unknown, kl.UNKNOWN_KEYWORDS)
+    found: dict[str, list[int]] = {}
+    for cell, row in zip(cells, rows):
+        for keyword in kl.split_keywords(cell):
+            if not kl.is_odir_keyword(keyword):
+                found.setdefault(keyword, []).append(int(row))
+    if not found:
+        return
+    items = []
+    for keyword, where in sorted(found.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        shown = sorted(set(where))
+        close = difflib.get_close_matches(keyword, list(kl.ODIR_KEYWORDS), n=1, cutoff=0.8)
+        items.append(
+            f"{keyword!r}: {len(where)} time(s), row(s) {shown[:SHOW]}{' ...' if len(shown) > SHOW else ''}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+        )
+    listing = "\n  ".join(items)
+    if unknown == "error":
+        raise DataError(
+            f"{path}: {len(found)} diagnostic keyword(s) are not ODIR-5K keywords (separators: , ， 、 ; ；):\n"
+            f"  {listing}\nFix the table, or decide what they mean: --set data.options.unknown_keywords=other "
+            "(the O label) or --set data.options.unknown_keywords=ignore (no label from them)"
+        )
+    warnings.warn(
+        f"{path}: {len(found)} diagnostic keyword(s) are not ODIR-5K keywords; data.options.unknown_keywords="
+        f"{unknown} makes them {'the O label' if unknown == 'other' else 'give no label'}:\n  {listing}",
+        stacklevel=3,
+    )
 
 
 def _report_odir_keywords(ids, keywords, eye_y, y, path):
@@ -56,7 +102,7 @@ def _report_odir_keywords(ids, keywords, eye_y, y, path):
     if empty:
         warnings.warn(
             f"{path}: {len(empty)} eye(s) have only non-diagnostic keywords, so no label, e.g. "
-            f"{empty[:SHOW]}; select_labels(..., drop_empty=True) drops them",
+            f"{empty[:SHOW]}; with data.labels set, --set data.drop_empty=true drops them",
             stacklevel=3,
         )
     eyes = [r.to_dict("records") for r in (eye_y["left"], eye_y["right"])]
@@ -71,7 +117,14 @@ def _report_odir_keywords(ids, keywords, eye_y, y, path):
 
 
 def read_odir(
-    annotation, image_dir=None, *, level="eye", eye_labels="keywords", check_files=True, skip_missing=False
+    annotation,
+    image_dir=None,
+    *,
+    level="eye",
+    eye_labels="keywords",
+    unknown_keywords="error",
+    check_files=True,
+    skip_missing=False,
 ) -> Manifest:
     """Read the official ODIR-5K annotation (``.xlsx`` or ``.csv``).
 
@@ -86,6 +139,9 @@ def read_odir(
             (:func:`kfundus.labels.odir_keywords_to_labels`), the only per-eye truth ODIR
             has (a ``C`` patient may have one normal eye), or ``"patient"``: the patient's.
             Eye rows also carry the patient labels as ``patient_N`` .. ``patient_O``.
+        unknown_keywords: what a keyword outside :data:`kfundus.labels.ODIR_KEYWORDS`
+            becomes: ``"error"`` (default: stop, listing every such keyword with its count
+            and rows), ``"other"`` (the O label) or ``"ignore"`` (no label).
         check_files, skip_missing: check that every image exists; drop (instead of stop
             at) rows whose images are missing.
 
@@ -102,21 +158,23 @@ def read_odir(
         df,
         ODIR_COLUMNS,
         path,
-        "Is this the official ODIR-5K annotation? For Kaggle's full_df.csv use read_odir_kaggle.",
+        "Is this the official ODIR-5K annotation? For Kaggle's full_df.csv use --set data.source=odir_kaggle.",
     )
+    rows = file_rows(df)
     ids = df["ID"].map(clean_id)
-    require_unique(ids, path, "patient ID")
+    require_unique(ids, path, "patient ID", rows)
     y = binary_columns(df, kl.ODIR_LABELS, path)
     image_dir = default_image_dir(image_dir, path.parent, ["images", "Training Images"], df["Left-Fundus"])
     keywords = {s: df[f"{s.capitalize()}-Diagnostic Keywords"].tolist() for s in _SIDES}
-    eye_y = {s: keyword_labels(keywords[s]) for s in _SIDES}
+    check_keywords(keywords["left"] + keywords["right"], np.concatenate([rows, rows]), path, unknown_keywords)
+    eye_y = {s: keyword_labels(keywords[s], unknown_keywords) for s in _SIDES}
     _report_odir_keywords(ids.tolist(), keywords, eye_y, y, path)
     texts = {s: [eye_text(s, k) for k in keywords[s]] for s in _SIDES}
     images = {s: absolute_paths(image_dir, df[f"{s.capitalize()}-Fundus"]) for s in _SIDES}
     extra = {
         "age": pd.to_numeric(df["Patient Age"], errors="coerce").to_numpy(),
         "sex": df["Patient Sex"].to_numpy(),
-        "_row": np.arange(len(df)) + 2,
+        "source_row": rows,
     }
     if level == "patient":
         frame = pd.DataFrame(
@@ -149,13 +207,15 @@ def read_odir(
                 for s in _SIDES
             ],
             ignore_index=True,
-        ).sort_values(["_row", "eye"], kind="stable")
+        ).sort_values(["source_row", "eye"], kind="stable")
     columns = ["left_image", "right_image"] if level == "patient" else ["image"]
     frame, skipped = check_image_files(frame, path, columns, check_files, skip_missing, image_dir)
-    return Manifest(frame, list(kl.ODIR_LABELS), "multilabel", "odir", skipped)
+    return Manifest(frame, list(kl.ODIR_LABELS), "multilabel", "odir", skipped, source=str(path))
 
 
-def read_odir_kaggle(full_df_csv, image_dir=None, *, check_files=True, skip_missing=False) -> Manifest:
+def read_odir_kaggle(
+    full_df_csv, image_dir=None, *, unknown_keywords="error", check_files=True, skip_missing=False
+) -> Manifest:
     """Read the Kaggle ODIR-5K table ``full_df.csv``: one row per image (``filename``).
 
     Per-eye labels come from that eye's keywords, not from the ``target``/``labels``
@@ -169,7 +229,7 @@ def read_odir_kaggle(full_df_csv, image_dir=None, *, check_files=True, skip_miss
         full_df_csv: the Kaggle table (``ID``, the keyword columns, ``N`` .. ``O``, ``filename``).
         image_dir: the image folder; default the first existing of ``preprocessed_images``,
             ``ODIR-5K/Training Images``, ``Training Images``, ``images``, the CSV's folder.
-        check_files, skip_missing: as in :func:`read_odir`.
+        unknown_keywords, check_files, skip_missing: as in :func:`read_odir`.
     """
     path = Path(full_df_csv)
     df = read_table(path)
@@ -177,25 +237,27 @@ def read_odir_kaggle(full_df_csv, image_dir=None, *, check_files=True, skip_miss
         df,
         ["filename", *ODIR_COLUMNS[:3], *ODIR_COLUMNS[5:]],
         path,
-        "Is this Kaggle's full_df.csv? For the official annotation use read_odir.",
+        "Is this Kaggle's full_df.csv? For the official annotation use --set data.source=odir.",
     )
-    require_unique(df["filename"], path, "filename")
+    rows = file_rows(df)
+    require_unique(df["filename"], path, "filename", rows)
     eyes = df["filename"].str.extract(r"_(left|right)\.", flags=re.I)[0].str.lower()
     if eyes.isna().any():
         i = first_index(eyes.isna())
         raise DataError(
-            f"row {file_row(i)} of {path}: filename {df['filename'].iloc[i]!r} does not say "
+            f"row {file_row(df, i)} of {path}: filename {df['filename'].iloc[i]!r} does not say "
             "which eye it is (expected '<ID>_left.jpg' or '<ID>_right.jpg')"
         )
     y = binary_columns(df, kl.ODIR_LABELS, path)
     keywords = np.where(eyes == "left", df["Left-Diagnostic Keywords"], df["Right-Diagnostic Keywords"])
+    check_keywords(keywords, rows, path, unknown_keywords)
     image_dir = default_image_dir(
         image_dir,
         path.parent,
         ["preprocessed_images", "ODIR-5K/Training Images", "Training Images", "images"],
         df["filename"],
     )
-    eye_y = keyword_labels(keywords)
+    eye_y = keyword_labels(keywords, unknown_keywords)
     empty = df["filename"][eye_y.sum(axis=1).to_numpy() == 0].tolist()
     if empty:
         warnings.warn(
@@ -212,8 +274,8 @@ def read_odir_kaggle(full_df_csv, image_dir=None, *, check_files=True, skip_miss
             "age": pd.to_numeric(df["Patient Age"], errors="coerce"),
             "sex": df["Patient Sex"],
             "text": [eye_text(e, k) for e, k in zip(eyes, keywords)],
-            "_row": np.arange(len(df)) + 2,
+            "source_row": rows,
         }
     )
     frame, skipped = check_image_files(frame, path, ["image"], check_files, skip_missing, image_dir)
-    return Manifest(frame, list(kl.ODIR_LABELS), "multilabel", "odir_kaggle", skipped)
+    return Manifest(frame, list(kl.ODIR_LABELS), "multilabel", "odir_kaggle", skipped, source=str(path))

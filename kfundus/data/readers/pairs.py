@@ -29,7 +29,6 @@ import re
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from kfundus import labels as kl
@@ -43,6 +42,7 @@ from kfundus.data.readers.table import (
     check_reader_options,
     clean_id,
     file_row,
+    file_rows,
     find_label_file,
     first_index,
     read_table,
@@ -53,9 +53,9 @@ from kfundus.errors import ConfigError, DataError
 PAIR_COLUMNS = ["patient_id", "left_image", "right_image", "text"]
 
 
-def _pairs(frame: pd.DataFrame, name: str, skipped=None, labels=()) -> Manifest:
+def _pairs(frame: pd.DataFrame, name: str, skipped=None, labels=(), source="") -> Manifest:
     frame = frame[PAIR_COLUMNS + [c for c in frame.columns if c not in PAIR_COLUMNS]].reset_index(drop=True)
-    manifest = Manifest(frame, list(labels), "multilabel", name)
+    manifest = Manifest(frame, list(labels), "multilabel", name, source=str(source))
     if skipped is not None:
         manifest.skipped = skipped
     return manifest
@@ -229,7 +229,7 @@ def read_retclip(path, split: str = "train", extract_dir=None) -> Manifest:
             f"{len(unused)} patient(s) of {tsv} have no text in {jsonl} and are left out, e.g. {unused[:SHOW]}",
             stacklevel=2,
         )
-    return _pairs(pd.DataFrame(rows, columns=[*PAIR_COLUMNS, "text_id"]), f"retclip-{tsv.stem}")
+    return _pairs(pd.DataFrame(rows, columns=[*PAIR_COLUMNS, "text_id"]), f"retclip-{tsv.stem}", source=tsv)
 
 
 # ---------------------------------------------------------------------------
@@ -263,7 +263,7 @@ def read_pairs_csv(csv, image_dir=None, *, check_files: bool = True, skip_missin
             i = first_index(empty)
             what = "empty report" if column == "report" else f"empty {column!r}"
             raise DataError(
-                f"row {file_row(i)} of {path}: {what} ({int(empty.sum())} such row(s)); every row "
+                f"row {file_row(df, i)} of {path}: {what} ({int(empty.sum())} such row(s)); every row "
                 "needs patient_id, left, right and a report. Fill or remove them."
             )
     folder = Path(image_dir) if image_dir is not None else path.parent
@@ -272,10 +272,10 @@ def read_pairs_csv(csv, image_dir=None, *, check_files: bool = True, skip_missin
         left_image=absolute_paths(folder, df["left"]),
         right_image=absolute_paths(folder, df["right"]),
         text=df["report"],
-        _row=np.arange(len(df)) + 2,
+        source_row=file_rows(df),
     )
     frame, skipped = check_image_files(frame, path, ["left_image", "right_image"], check_files, skip_missing, image_dir)
-    return _pairs(frame, path.stem, skipped)
+    return _pairs(frame, path.stem, skipped, source=path)
 
 
 # ---------------------------------------------------------------------------
@@ -301,6 +301,7 @@ def odir_pairs(
     *,
     labels=tuple(kl.ODIR_LABELS),
     patient_labels: bool = False,
+    unknown_keywords: str = "error",
     check_files: bool = True,
     skip_missing: bool = False,
 ) -> Manifest:
@@ -316,7 +317,7 @@ def odir_pairs(
         patient_labels: append the patient-level diagnosis to the report (the official
             N..O labels, decided by the graders from both eyes). Off by default: it
             repeats the keywords; the patient labels are the manifest's labels anyway.
-        check_files, skip_missing: as in ``read_odir``.
+        unknown_keywords, check_files, skip_missing: as in ``read_odir``.
 
     Returns:
         A pairs Manifest labelled with the patient's N..O, with ``text``
@@ -326,9 +327,16 @@ def odir_pairs(
     unknown = [c for c in labels if c not in kl.ODIR_LABELS]
     if unknown:
         raise ConfigError(f"labels {unknown} are not ODIR labels; valid: {kl.ODIR_LABELS}")
-    manifest = read_odir(annotation, image_dir, level="patient", check_files=check_files, skip_missing=skip_missing)
+    manifest = read_odir(
+        annotation,
+        image_dir,
+        level="patient",
+        unknown_keywords=unknown_keywords,
+        check_files=check_files,
+        skip_missing=skip_missing,
+    )
     frame = manifest.frame
-    eyes = {side: keyword_labels(frame[f"{side}_keywords"]) for side in ("left", "right")}
+    eyes = {side: keyword_labels(frame[f"{side}_keywords"], unknown_keywords) for side in ("left", "right")}
     reports = [
         odir_report(a, b, [c for c in kl.ODIR_LABELS if row[c]] if patient_labels else None)
         for a, b, (_, row) in zip(frame["left_keywords"], frame["right_keywords"], frame.iterrows())
@@ -345,9 +353,10 @@ def odir_pairs(
             **{f"{side}_{c}": eyes[side][c].to_numpy() for side in ("left", "right") for c in labels},
             "age": frame["age"],
             "sex": frame["sex"],
+            "source_row": frame["source_row"],
         }
     )
-    return _pairs(table, "odir-pairs", manifest.skipped, kl.ODIR_LABELS)
+    return _pairs(table, "odir-pairs", manifest.skipped, kl.ODIR_LABELS, source=manifest.source)
 
 
 PAIR_SOURCES = {"retclip": read_retclip, "csv": read_pairs_csv, "odir": odir_pairs}

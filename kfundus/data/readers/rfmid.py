@@ -6,11 +6,10 @@ import re
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from kfundus import labels as kl
-from kfundus.data.manifest import Manifest
+from kfundus.data.manifest import Manifest, concat_skipped
 from kfundus.data.readers.table import (
     absolute_paths,
     binary_columns,
@@ -18,6 +17,7 @@ from kfundus.data.readers.table import (
     check_image_files,
     clean_id,
     default_image_dir,
+    file_rows,
     image_file_names,
     read_table,
     require_columns,
@@ -49,14 +49,15 @@ def read_rfmid(labels_csv, image_dir=None, *, view="46", check_files=True, skip_
     ``split`` comes from the file name (Training -> train, Validation -> val, Testing ->
     test). RFMiD has no patient ids: every image is its own patient. The ids restart at 1
     in each split, so ``patient_id`` is ``"{split}-{ID}"`` (``ID`` when the name gives no
-    split); ``id`` keeps the original.
+    split); ``id`` keeps the original. (RFMiD publishes one image per patient.)
     """
     check_choice("view", str(view), ("46", "29"))
     path = Path(labels_csv)
     df = read_table(path)
     require_columns(df, ["ID", *kl.RFMID_46], path, "Is this an RFMiD *_Labels.csv table?")
     ids = df["ID"].map(clean_id)
-    require_unique(ids, path, "ID")
+    rows = file_rows(df)
+    require_unique(ids, path, "ID", rows)
     y = binary_columns(df, kl.RFMID_46, path)
     split = _rfmid_split(path)
     if str(view) == "29":
@@ -72,11 +73,11 @@ def read_rfmid(labels_csv, image_dir=None, *, view="46", check_files=True, skip_
             **y[labels],
             "id": ids.to_numpy(),
             **({"split": split} if split else {}),
-            "_row": np.arange(len(df)) + 2,
+            "source_row": rows,
         }
     )
     frame, skipped = check_image_files(frame, path, ["image"], check_files, skip_missing, image_dir)
-    return Manifest(frame, labels, "multilabel", "rfmid", skipped)
+    return Manifest(frame, labels, "multilabel", "rfmid", skipped, source=str(path))
 
 
 def read_rfmid_dir(root, *, view="46", check_files=True, skip_missing=False) -> Manifest:
@@ -90,7 +91,7 @@ def read_rfmid_dir(root, *, view="46", check_files=True, skip_missing=False) -> 
         if split in found:
             raise DataError(
                 f"two RFMiD tables for the {split} split: {found[split]} and {csv}; "
-                "keep one, or read each with read_rfmid"
+                "keep one, or give the table of one split as --data"
             )
         if split:
             found[split] = csv
@@ -105,9 +106,10 @@ def read_rfmid_dir(root, *, view="46", check_files=True, skip_missing=False) -> 
         if s in found
     ]
     return Manifest(
-        pd.concat([p.frame for p in parts], ignore_index=True),
+        pd.concat([p.frame.assign(source_file=p.source) for p in parts], ignore_index=True),
         parts[0].labels,
         "multilabel",
         "rfmid",
-        pd.concat([p.skipped for p in parts], ignore_index=True),
+        concat_skipped(*[p.skipped for p in parts]),
+        source=str(root),
     )
