@@ -1,5 +1,7 @@
-"""Deployment: the bytes serving signature, quantised TFLite variants, the model card and
-``kfundus predict`` — on the run users make (conftest ``trained``: train, evaluate, export)."""
+"""The run users make (conftest ``trained``: train, evaluate, export), end to end: its run
+folder and report, then deployment: the bytes serving signature, quantised TFLite variants,
+the model card and ``kfundus predict``. Every test of ``trained`` lives in this file, so a
+parallel run (pytest-xdist, ``--dist loadfile``) builds it once."""
 
 import json
 import shutil
@@ -19,6 +21,62 @@ from kfundus.deploy.tflite import TFLITE_FILES, has_flex_ops, run_tflite
 from tests.test_pipeline import fundus_like, manifest_of, write
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
+
+
+def test_run_folder_and_patient_level_splits(trained):
+    _, _, run, _ = trained
+    for name in [
+        "config.yaml",
+        "run.json",
+        "splits.csv",
+        "best.weights.h5",
+        "model.keras",
+        "history.csv",
+        "thresholds.json",
+        "training_curves.png",
+        "tensorboard",
+    ]:
+        assert (run / name).exists(), name
+    splits = pd.read_csv(run / "splits.csv", dtype={"patient_id": str})
+    assert splits.groupby("patient_id")["split"].nunique().max() == 1
+    assert set(splits["split"]) == {"train", "val", "test"}
+
+
+def test_model_learns_and_evaluation_report(trained):
+    out, data, run, _ = trained
+    report = run / "eval-test"
+    metrics = json.loads((report / "metrics.json").read_text())
+    per_class = {row["label"]: row for row in metrics["per_class"]}
+    assert per_class["C"]["support"] >= 5
+    assert per_class["C"]["auroc"] > 0.9, per_class  # the synthetic cataract haze is learned
+    for name in [
+        "predictions.csv",
+        "per_class.csv",
+        "roc.png",
+        "pr.png",
+        "confusion.png",
+        "report.html",
+        "gallery_N.png",
+        "gallery_C.png",
+    ]:
+        assert (report / name).stat().st_size > 0, name
+    assert "gallery_C.png" in (report / "report.html").read_text()
+    # the predictions file lines up with the test split
+    predictions = pd.read_csv(report / "predictions.csv")
+    splits = pd.read_csv(run / "splits.csv")
+    assert sorted(predictions["image"]) == sorted(splits.loc[splits["split"] == "test", "image"])
+
+
+def test_export_bundle_matches_keras(trained):
+    out, _, run, bundle = trained
+    assert (bundle / "labels.txt").read_text().split() == ["N", "C"]
+    info = json.loads((bundle / "model_card.json").read_text())
+    assert info["tflite"]["float32"]["flex_ops"] == [] and info["parity"]["inputs"] == "sample images"
+    assert max(info["parity"]["tflite_max_abs_diff"].values()) <= 1e-4
+    model = keras.saving.load_model(run / "model.keras")
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    lite = run_tflite(bundle / "model.tflite", {"image": x})["probabilities"]
+    np.testing.assert_allclose(lite, np.asarray(model(x)), atol=1e-4)
 
 
 def identity_model(size):
@@ -127,7 +185,7 @@ def test_predict_folder_with_a_corrupt_file_on_each_backend(trained, tmp_path, c
     for path in test_rows["image"]:
         shutil.copy(path, folder)
     (folder / "broken.jpg").write_bytes(Path(test_rows["image"].iloc[0]).read_bytes()[:300])  # truncated
-    (folder / "notes.txt").write_text("not an image")  # not listed: not an image extension
+    (folder / "notes.txt").write_text("not an image")  # not read: listed as ignored, with the reason
 
     tables = {}
     for backend, extra in (
@@ -155,18 +213,26 @@ def test_predict_folder_with_a_corrupt_file_on_each_backend(trained, tmp_path, c
             == 0
         )
         tables[csv.stem] = pd.read_csv(csv)
-    assert "1 skipped" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "1 skipped" in printed and "ignored 1 entr(ies)" in printed and "notes.txt" in printed
 
     reference = tables["keras"]
-    assert len(reference) == 7
+    assert len(reference) == 8
+    notes = reference[reference["id"] == "notes"]
+    assert notes["status"].iloc[0] == (
+        "ignored: not an image by its extension (extension .txt; read: .jpg .jpeg .png .bmp .tif .tiff)"
+    )
+    assert notes["image"].iloc[0] == str(folder / "notes.txt") and notes["prob_C"].isna().all()
+    reference = reference[reference["id"] != "notes"].reset_index(drop=True)
+    tables = {k: v[v["id"] != "notes"].reset_index(drop=True) for k, v in tables.items()}
     broken = reference[reference["id"] == "broken"]
     assert broken["status"].iloc[0].startswith("skipped: broken.jpg") and broken["prob_C"].isna().all()
     ok = reference[reference["status"] == "ok"]
     assert len(ok) == 6
-    # decisions use the bundle's validation thresholds
+    # decisions use the bundle's validation thresholds, strictly above as kfundus evaluate counts
     card = json.loads((bundle / "model_card.json").read_text())
     threshold = dict(zip(card["thresholds"]["labels"], card["thresholds"]["values"]))["C"]
-    assert (ok["pred_C"] == (ok["prob_C"] >= threshold).astype(int)).all()
+    assert (ok["pred_C"] == (ok["prob_C"] > threshold).astype(int)).all()
     # the same probabilities, whichever model of the bundle runs
     for name, table in tables.items():
         assert (table["status"] == reference["status"]).all(), name
@@ -179,6 +245,43 @@ def test_predict_folder_with_a_corrupt_file_on_each_backend(trained, tmp_path, c
     truth = test_rows.set_index(test_rows["image"].map(lambda p: p.rsplit("/", 1)[-1].rsplit(".", 1)[0]))["C"]
     predicted = ok.set_index("id")["pred_C"]
     assert (predicted == truth.loc[predicted.index]).mean() >= 0.8
+
+
+def test_list_images_lists_what_it_does_not_read(tmp_path):
+    """Regression (issue 18): predict dropped files it does not read without a word, and a
+    folder named like an image crashed the read. Every entry of a folder or glob is now a
+    row: to predict (empty status) or ``ignored: <why>``."""
+    from kfundus.deploy.predict import ignored_rows, list_images
+    from kfundus.errors import DataError
+
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for name in ("1_left.jpg", "1_right.JPG", "2_left.png", "scan.jpeg"):
+        write(folder / name, fundus_like(40, 40, 18))
+    (folder / "notes.txt").write_text("x")
+    (folder / "README").write_text("x")
+    (folder / "old.jpg").mkdir()  # a folder named like an image
+    table = list_images(folder, ["image"])
+    assert table.loc[table["status"] == "", "id"].tolist() == ["1_left", "1_right", "2_left", "scan"]
+    reasons = dict(zip(ignored_rows(table)["id"], ignored_rows(table)["status"]))
+    assert reasons == {
+        "README": "ignored: not an image by its extension (no extension; read: .jpg .jpeg .png .bmp .tif .tiff)",
+        "notes": "ignored: not an image by its extension (extension .txt; read: .jpg .jpeg .png .bmp .tif .tiff)",
+        "old": "ignored: a folder, not searched (give a glob such as 'DIR/**/*.jpg' to read sub-folders)",
+    }
+    # a two-eye model pairs <id>_left / <id>_right and lists the images it cannot pair
+    pairs = list_images(str(folder / "*"), ["left_image", "right_image"])
+    ok = pairs[pairs["status"] == ""]
+    assert ok["id"].tolist() == ["1", "2"] and ok["right_image"].tolist() == [str(folder / "1_right.JPG"), ""]
+    unpaired = pairs[pairs["id"] == "scan"]
+    assert unpaired["status"].iloc[0].startswith("ignored: not named <id>_left")
+    assert unpaired["left_image"].iloc[0] == str(folder / "scan.jpeg")
+    # nothing to read: the error says what is there
+    empty = tmp_path / "docs"
+    empty.mkdir()
+    (empty / "a.pdf").write_text("x")
+    with pytest.raises(DataError, match=r"no image files .* it has 1 other entr\(ies\), e.g. a.pdf"):
+        list_images(empty, ["image"])
 
 
 def test_predict_errors_name_the_fix(trained, tmp_path, capsys):

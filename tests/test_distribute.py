@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from kfundus.engine.distribute import (
     make_strategy,
     per_replica_batch,
     shard_dataset,
+    strategy_scope,
 )
 from kfundus.errors import ConfigError
 
@@ -65,6 +67,24 @@ def test_multi_worker_needs_tf_config(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         make_strategy("multi_worker")
+
+
+def test_a_strategy_with_one_replica_says_so():
+    """Regression (issue 18): ``distribution: mirrored`` on a machine with one device ran on
+    one replica without a word. The test process has one logical device (the two-device
+    runs happen in subprocesses)."""
+    import tensorflow as tf
+
+    if len(tf.config.list_logical_devices("GPU")) > 1 or len(tf.config.list_logical_devices("CPU")) > 1:
+        pytest.skip("this process has more than one device: mirrored gets several replicas")
+    expected = r"distribution=mirrored found a single device .* 1 replica"
+    with pytest.warns(UserWarning, match=expected) as caught, strategy_scope("mirrored") as strategy:
+        assert strategy.num_replicas_in_sync == 1
+    assert "--set distribution=none" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none: nothing to say
+        with strategy_scope("none") as strategy:
+            assert strategy.num_replicas_in_sync == 1
 
 
 def test_scaling_rule_and_batch_split():

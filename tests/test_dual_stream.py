@@ -168,3 +168,83 @@ def test_learns_both_fundus_tasks_from_synthetic_grades(tmp_path):
     code = f"from kfundus.systems import load_model; print(sorted(load_model({str(run / 'model.keras')!r}).output))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "dr_grade" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_every_head_has_its_validation_threshold_everywhere(tmp_path, capsys):
+    """Regression (issue 18): the ``abnormal`` head of a multi-task run was evaluated at 0.5.
+    Now its threshold is chosen on validation (Youden's J, checked against scikit-learn's
+    ROC curve of the saved model on the validation split) and it is the one used in
+    metrics.json, predictions.csv (probabilities and a decision column per head), the HTML
+    report (with a per-class table for the softmax head too), the model card and
+    ``kfundus predict``."""
+    import json
+
+    import pandas as pd
+    from sklearn.metrics import roc_curve
+
+    from kfundus.cli import main
+    from kfundus.data.pipeline import Preprocess, prepare
+    from kfundus.evaluation.predict import predict_outputs
+    from kfundus.run import RunFolder
+    from kfundus.systems import load_model
+
+    data = make_dr(tmp_path / "data", n_patients=36, size=48, seed=3, shares=(0.4, 0.15, 0.2, 0.15, 0.1))
+    settings = [
+        f"output_dir={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}", f"export.dir={tmp_path / 'bundles'}",
+        "data.image_size=32", "model.options.depth=2", "model.options.width=8", "train.epochs=2",
+        "data.split.val=0.3", "data.split.test=0.25", "export.formats=[keras]",
+    ]  # fmt: skip
+    args = ["train", "--config", FUNDUS, "--data", str(data)] + [x for kv in settings for x in ("--set", kv)]
+    assert main(args) == 0
+    run = RunFolder(tmp_path / "runs" / FUNDUS)
+    rules = json.loads((run / "thresholds.json").read_text())["heads"]
+    assert rules["dr_grade"] == {"task": "multiclass", "labels": DR_GRADES, "decision": "argmax"}
+    assert rules["abnormal"]["task"] == "binary" and rules["abnormal"]["labels"] == ["abnormal"]
+    (t,) = rules["abnormal"]["thresholds"]
+    # independently: Youden's J of the saved model's abnormal head on the validation split
+    config = run.read_config()
+    val = prepare(run.split_manifest("val"), Preprocess.from_config(config.data), cache_dir=config.data.cache_dir)
+    p = predict_outputs(load_model(run.model_file), val, 8)["abnormal"][:, 0]
+    truth = (val.manifest.frame["no_dr"].to_numpy() == 0).astype(int)
+    fpr, tpr, _ = roc_curve(truth, p)
+    decided = p > t
+    j = decided[truth == 1].mean() - decided[truth == 0].mean()
+    assert j == pytest.approx(np.max(tpr - fpr)) and t != 0.5
+
+    assert main(["evaluate", "--run", str(run), "--split", "test"]) == 0
+    metrics = json.loads((run / "eval-test" / "metrics.json").read_text())
+    head = metrics["heads"]["abnormal"]
+    assert head["thresholds"] == [t] and head["threshold_source"].startswith("validation")
+    predictions = pd.read_csv(run / "eval-test" / "predictions.csv")
+    assert (predictions["pred_abnormal"] == (predictions["prob_abnormal"] > t).astype(int)).all()
+    assert (predictions["true_abnormal"] == 1 - predictions["true_no_dr"]).all()
+    grades = predictions[[f"prob_{g}" for g in DR_GRADES]].to_numpy()
+    assert predictions["prediction"].tolist() == [DR_GRADES[k] for k in grades.argmax(axis=1)]
+    positives, decided = predictions["true_abnormal"] == 1, predictions["pred_abnormal"] == 1
+    if positives.any():
+        assert head["sensitivity"] == pytest.approx((decided & positives).sum() / positives.sum())
+    page = (run / "eval-test" / "report.html").read_text()
+    assert "Head abnormal" in page and "recall" in page and "proliferative" in page  # the softmax head's table
+    assert "What was evaluated" in page and str(data) in page and "model.keras" in page
+
+    assert main(["export", "--run", str(run)]) == 0
+    bundle = tmp_path / "bundles" / FUNDUS
+    card = json.loads((bundle / "model_card.json").read_text())
+    assert card["thresholds"]["heads"]["abnormal"]["thresholds"] == [t]
+    assert card["metrics"]["test"]["heads"]["abnormal"]["auroc"] == head["auroc"]
+    provenance = {
+        k: card["metrics"]["test"][k] for k in ("data", "split", "model_file", "kfundus_version", "evaluated")
+    }
+    assert provenance == {k: metrics[k] for k in provenance} and provenance["split"] == "test"
+    images = tmp_path / "new"
+    images.mkdir()
+    for path in predictions["image"][:4]:
+        (images / Path(path).name).write_bytes(Path(path).read_bytes())
+    table = (
+        pd.read_csv(tmp_path / "out.csv")
+        if main(["predict", "--bundle", str(bundle), "--images", str(images), "--out", str(tmp_path / "out.csv")]) == 0
+        else None
+    )
+    assert table is not None and (table["status"] == "ok").all()
+    assert (table["pred_abnormal"] == (table["prob_abnormal"] > t).astype(int)).all()
+    assert set(table["prediction"]) <= set(DR_GRADES)

@@ -4,6 +4,7 @@ synthetic lesion masks for a model that learned them, the randomisation sanity c
 overlays and the command line."""
 
 import re
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -276,7 +277,8 @@ def test_overlay_colours():
 
 def test_save_overlays_predicted_and_chosen(trained, tmp_path):
     paths = trained["paths"][trained["n_train"] :][:10]
-    probs = trained["model"].predict(trained["x"][trained["n_train"] :][:10], verbose=0)
+    # the model's input is 8-bit, as in training and serving: the fixture's x rounded
+    probs = trained["model"].predict(np.round(trained["x"][trained["n_train"] :][:10]), verbose=0)
     table = explain.save_overlays(
         trained["model"],
         paths,
@@ -291,7 +293,7 @@ def test_save_overlays_predicted_and_chosen(trained, tmp_path):
     assert set(zip(table["image"], table["label"])) == expected and len(table) == len(expected)
     for row in table.itertuples(index=False):
         p = probs[[str(q) for q in paths].index(row.image), LABELS.index(row.label)]
-        assert row.probability == pytest.approx(p, abs=1e-4)
+        assert row.probability == pytest.approx(p, abs=1e-6)
         assert re.fullmatch(rf"\d+_(left|right)__{row.label}_{p:.2f}\.png", row.file.split("/")[-1])
         with Image.open(row.file) as png:
             png.verify()
@@ -350,3 +352,164 @@ def test_main_explain_with_a_run_folder(trained, tmp_path, capsys):
     assert len(list(out.glob("*.png"))) == 8
     assert main(["explain", "--run", str(run), "--images", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert "--images" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Explanations on exactly the model's input, per eye for two-eye models, localisation from the CLI
+
+
+def _run_folder(model, root, tmp_path):
+    """A finished eye-level run folder around the module's trained CNN: config, run.json,
+    splits.csv (patients < 112 train, the rest test: the fixture's own split), thresholds."""
+    from kfundus.config import load_config
+    from kfundus.data.readers import load_dataset
+    from kfundus.run import RunFolder
+
+    config = load_config(
+        "demo_synthetic",
+        [
+            f"data.path={root}",
+            f"data.labels=[{', '.join(LABELS)}]",
+            f"data.image_size={SIZE}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+    )
+    run = RunFolder(tmp_path / "run").start()
+    model.save(run.model_file)
+    run.write_config(config)
+    frame = load_dataset(config.data).frame
+    run.write_splits(frame.assign(split=np.where(frame["patient_id"].astype(int) < 112, "train", "test")))
+    info = {"labels": LABELS, "task": "multilabel", "level": "eye", "image_size": SIZE, "source": "odir"}
+    run.write_info({**info, "data_path": str(root), "data_root": str(root)})
+    run.write_thresholds(LABELS, [0.5] * len(LABELS), None)
+    return run, config
+
+
+def test_caption_probability_is_evaluate_probability_and_localisation_from_the_cli(trained, tmp_path, capsys):
+    """Regression (issue 18): Grad-CAM read images unrounded while training, evaluation and
+    serving feed 8-bit values, so an explanation's caption disagreed with predictions.csv.
+    Now ``kfundus explain`` captions the probability ``kfundus evaluate`` reports, to 1e-6
+    (without the rounding the difference here is larger, checked below). The run's data
+    has lesion masks, so the same command measures localisation (localisation.csv/.png),
+    equal to ``localisation_report`` on the test split, with the counts of held-out
+    eyes that have each lesion."""
+    from kfundus.cli import main
+    from kfundus.data.pipeline import Preprocess
+    from kfundus.evaluation import evaluate_run
+
+    run, config = _run_folder(trained["model"], trained["root"], tmp_path)
+    evaluate_run(run, split="test", gallery=False)
+    predictions = pd.read_csv(run / "eval-test" / "predictions.csv").set_index("image")
+    out = tmp_path / "explain"
+    command = ["explain", "--run", str(run), "--split", "test", "--classes", "G", "--out", str(out), "--tolerance", "3"]
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    overlays = pd.read_csv(out / "overlays.csv")
+    assert len(overlays) == len(predictions) == len(trained["paths"]) - trained["n_train"]
+    got = overlays.set_index("image")["probability"]
+    assert np.abs(got - predictions.loc[got.index, "prob_G"]).max() <= 1e-6
+    # the unrounded input (what explanations read before) gives other probabilities
+    pre = Preprocess.from_config(config.data)
+    raw = np.stack([preprocess_image(tf.io.read_file(p), pre).numpy() for p in got.index])
+    unrounded = trained["model"].predict(raw, verbose=0)[:, LABELS.index("G")]
+    assert np.abs(unrounded - got.to_numpy()).max() > 1e-5
+
+    assert "localisation on the lesion masks" in printed and (out / "localisation.png").stat().st_size > 0
+    table = pd.read_csv(out / "localisation.csv")
+    direct = saliency.localisation_report(
+        trained["model"], trained["root"], LABELS, pre, classes=["G"], images=list(got.index), tolerance=3
+    )
+    pd.testing.assert_frame_equal(table, direct, check_dtype=False)
+    held_out = trained["y"][trained["n_train"] :]
+    assert table["images"].tolist() == [int(held_out[:, LABELS.index("G")].sum())]
+    assert table["ratio"].iloc[0] >= 3 and table["pointing_game"].iloc[0] >= 0.5  # a learned lesion
+    assert main(command[:-2] + ["--masks", str(tmp_path)]) == 2
+    assert "--masks" in capsys.readouterr().err
+
+
+def _clip_pair(two_eye, weights=None):
+    from kfundus.systems.clip_lora.model import build_clip_lora
+
+    tiny = dict(patch_size=8, hidden_dim=32, num_layers=2, num_heads=2, intermediate_dim=64)
+    keras.utils.set_random_seed(7)
+    model = build_clip_lora(2, image_size=32, encoder_config=tiny, two_eye=two_eye, lora_rank=0, dropout=0)
+    if weights is not None:
+        model.get_layer("encoder").set_weights(weights)
+    return model
+
+
+@pytest.mark.parametrize("family", ["clip", "efficientnet"])
+def test_two_eye_maps_are_each_eyes_share_of_the_patient_logit(family):
+    """A two-eye model's logit is W_left f(left) + W_right f(right) + b, so its map for one
+    eye must be the map of a single-eye model with the same backbone and head W_eye (the
+    single-eye explainers are tested against finite differences and closed forms above).
+    Maps are compared each divided by its maximum (the two-eye maps share one maximum)."""
+    from kfundus.systems.efficientnet.model import build_efficientnet_b0
+
+    size = 32 if family == "clip" else 64  # EfficientNet: a 2x2 last feature map at 64 px
+    rng = np.random.default_rng(0)
+    images = {n: rng.uniform(0, 255, (4, size, size, 3)).astype("float32") for n in ("left_image", "right_image")}
+    if family == "clip":
+        pair = _clip_pair(True)
+        single = _clip_pair(False, pair.get_layer("encoder").get_weights())
+    else:
+        keras.utils.set_random_seed(3)
+        pair = build_efficientnet_b0(2, image_size=size, two_eye=True, dropout=0)
+        single = build_efficientnet_b0(2, image_size=size, dropout=0)
+        single.get_layer("efficientnetb0").set_weights(pair.get_layer("efficientnetb0").get_weights())
+    kernel, bias = pair.get_layer("logits").get_weights()
+    half = kernel.shape[0] // 2
+    classes = [1, 0, 1, 0]
+    maps = explain.GradCAM(pair)(images, classes)
+    assert set(maps) == {"left_image", "right_image"}
+    peak = np.maximum(maps["left_image"].max(axis=(1, 2)), maps["right_image"].max(axis=(1, 2)))
+    # one maximum per patient (0: no positive evidence in either eye, as a random net can have)
+    assert np.all((np.abs(peak - 1) < 1e-6) | (peak == 0)) and (peak > 0).any(), peak
+    nonzero = 0
+    for eye, rows in (("left_image", slice(0, half)), ("right_image", slice(half, None))):
+        single.get_layer("logits").set_weights([kernel[rows], bias])
+        alone = explain.GradCAM(single)(images[eye], classes)
+        both = maps[eye]
+        scale = np.where(both.max(axis=(1, 2)) > 0, both.max(axis=(1, 2)), 1)[:, None, None]
+        np.testing.assert_allclose(both / scale, alone, atol=2e-4, err_msg=f"{family} {eye}")
+        nonzero += int((alone.max(axis=(1, 2)) > 0).sum())
+    assert nonzero >= 2  # the comparison is not between empty maps only
+
+
+def test_two_eye_run_is_explained_per_eye_from_the_cli(tmp_path, capsys):
+    """A patient-level CLIP run: the evaluation gallery and ``kfundus explain --split`` give
+    one overlay per eye, captioned with the patient's probability as predictions.csv has it;
+    the synthetic data's masks give a per-eye localisation table."""
+    import json
+
+    from kfundus.cli import main
+
+    data = make_odir(tmp_path / "data", n_patients=30, size=48, seed=2)
+    tiny = json.dumps(dict(patch_size=8, hidden_dim=32, num_layers=2, num_heads=2, intermediate_dim=64))
+    settings = [
+        f"output_dir={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}", "model.weights=null",
+        f"model.options.encoder_config={tiny.replace(chr(34), '')}", "data.image_size=32", "train.epochs=1",
+        "data.split.test=0.3", "export.formats=[]",
+    ]  # fmt: skip
+    args = ["train", "--config", "odir_clip_lora_shadow", "--data", str(data), "--no-export"]
+    assert main(args + [x for kv in settings for x in ("--set", kv)]) == 0
+    run = tmp_path / "runs" / "odir_clip_lora_shadow"
+    assert main(["evaluate", "--run", str(run), "--split", "test"]) == 0
+    assert len(list((run / "eval-test").glob("gallery_*.png"))) == 8
+    predictions = pd.read_csv(run / "eval-test" / "predictions.csv")
+    out = tmp_path / "explain"
+    assert main(["explain", "--run", str(run), "--split", "test", "--classes", "D", "--out", str(out)]) == 0
+    assert "one map per eye" in capsys.readouterr().out
+    overlays = pd.read_csv(out / "overlays.csv")
+    assert sorted(set(overlays["input"])) == ["left_image", "right_image"]
+    assert len(overlays) == 2 * len(predictions)
+    for eye in ("left", "right"):
+        part = overlays[overlays["input"] == f"{eye}_image"].set_index("image")["probability"]
+        expected = predictions.set_index(f"{eye}_image").loc[part.index, "prob_D"]
+        assert np.abs(part - expected).max() <= 1e-6
+        assert all(
+            Path(f).name.split("__")[0].endswith(f"_{eye}")
+            for f in overlays["file"][overlays["input"] == f"{eye}_image"]
+        )
+    table = pd.read_csv(out / "localisation.csv")
+    assert table["label"].tolist() == ["D"] and table["images"].iloc[0] > 0

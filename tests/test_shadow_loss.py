@@ -1,4 +1,5 @@
-"""Shadow loss: against a hand computation, the cosine triplet loss, and its memory."""
+"""Shadow loss: against a hand computation, the cosine triplet loss the docs state (on
+embeddings of any norm: the loss L2-normalises them), and its memory."""
 
 import keras
 import numpy as np
@@ -10,8 +11,10 @@ from kfundus.systems.clip_lora.shadow_loss import ShadowLoss
 
 
 def shadow_by_hand(labels, embeddings, margin):
-    """Literal loops over anchors, positives and negatives (the paper's formula), batch-hard."""
+    """Literal loops over anchors, positives and negatives (the paper's formula on the
+    L2-normalised embeddings), batch-hard."""
     labels, embeddings = np.asarray(labels, bool), np.asarray(embeddings, np.float64)
+    embeddings = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
     losses = []
     for i, a in enumerate(embeddings):
         length = np.sqrt(a @ a)
@@ -62,21 +65,32 @@ def test_small_batch_by_hand_numbers():
     y = np.float32([[1, 0], [1, 1], [0, 1]])
     # anchor 1 shares a label with both others: no negative, left out of the mean.
     e = np.float32([[2.0, 0.0], [1.0, 1.0], [0.0, 3.0]])
-    # anchor 0 (|a| = 2): positive e1 (proj 1, delta 1), negative e2 (proj 0, delta 2)
-    # anchor 2 (|a| = 3): positive e1 (proj 1, delta 2), negative e0 (proj 0, delta 3)
-    assert float(ShadowLoss(margin=0.5)(y, e)) == pytest.approx(0.0)  # max(-0.5, 0) twice
-    assert float(ShadowLoss(margin=1.75)(y, e)) == pytest.approx(0.75)  # 0.75 and 0.75
+    # cos(e0, e1) = cos(e2, e1) = 1/sqrt(2), cos(e0, e2) = 0
+    # anchor 0: positive e1 (delta 1 - 0.7071), negative e2 (delta 1): 0.2929 - 1 + m
+    # anchor 2: the same by symmetry
+    assert float(ShadowLoss(margin=0.5)(y, e)) == pytest.approx(0.0)  # max(-0.2071, 0) twice
+    assert float(ShadowLoss(margin=1.0)(y, e)) == pytest.approx(1 - 1 / np.sqrt(2), rel=1e-5)  # 0.2929 twice
     e = np.float32([[3.0, 0.0], [1.0, 2.0], [0.0, 2.0]])
-    # anchor 0 (|a| = 3): positive e1 (proj 1, delta 2), negative e2 (proj 0, delta 3): 2 - 3 + 2.5
-    # anchor 2 (|a| = 2): positive e1 (proj 2, delta 0), negative e0 (proj 0, delta 2): 0 - 2 + 2.5
-    assert float(ShadowLoss(margin=2.5)(y, e)) == pytest.approx((1.5 + 0.5) / 2)
+    # cos(e0, e1) = 1/sqrt(5), cos(e2, e1) = 2/sqrt(5), cos(e0, e2) = 0
+    # anchor 0: negative cosine 0, positive 0.4472: 0 - 0.4472 + 1.5 = 1.0528
+    # anchor 2: negative cosine 0, positive 0.8944: 0 - 0.8944 + 1.5 = 0.6056
+    expected = (1.5 - 1 / np.sqrt(5) + 1.5 - 2 / np.sqrt(5)) / 2
+    assert float(ShadowLoss(margin=1.5)(y, e)) == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("seed", [0, 3])
-def test_equals_cosine_triplet_on_unit_embeddings(seed):
-    y, e = random_batch(seed, batch=16, dim=8)
-    unit = e / np.linalg.norm(e, axis=1, keepdims=True)
-    np.testing.assert_allclose(float(ShadowLoss(0.3)(y, unit)), cosine_triplet(y, unit, 0.3), rtol=1e-5)
+@pytest.mark.parametrize("scale", [1.0, 16.0, 300.0])
+def test_is_the_cosine_triplet_loss_at_any_embedding_norm(scale):
+    """The docs' formula, max(cos(a, n) - cos(a, p) + m, 0), on embeddings of the norm the
+    model outputs (concatenated class tokens: about sqrt(d) per eye, here 16-300), against
+    a NumPy cosine computation. Fails if the loss stops normalising (the unnormalised
+    shadow of a norm-300 vector is a distance in hundreds, not a cosine)."""
+    y, e = random_batch(7, batch=16, dim=64)
+    e = e * np.float32(scale) / np.sqrt(64)  # row norms about scale * [0.5, 3]
+    for margin in (0.2, 0.5):
+        np.testing.assert_allclose(float(ShadowLoss(margin)(y, e)), cosine_triplet(y, e, margin), rtol=1e-5)
+    # and so it does not depend on each embedding's norm
+    rescale = np.random.default_rng(1).uniform(0.1, 50.0, (len(e), 1)).astype("float32")
+    np.testing.assert_allclose(float(ShadowLoss(0.5)(y, e * rescale)), float(ShadowLoss(0.5)(y, e)), rtol=1e-5)
 
 
 def test_no_valid_anchor_gives_zero_and_gradients_are_finite():

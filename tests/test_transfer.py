@@ -167,3 +167,52 @@ def test_transfer_command_with_a_retclip_preset(tmp_path):
         load_config("hr_transfer", ["transfer.backbones=[{name: retclip}]"])
     with pytest.raises(ConfigError, match="protocols"):
         load_config("hr_transfer", ["transfer.protocols=[lp, probe]"])
+
+
+def test_ft_never_keeps_the_untrained_start_lp_ft_may(tmp_path, monkeypatch):
+    """Regression (issue 18): FT must not report its starting network as the best epoch;
+    LP-FT's start (the probe) is a candidate, as documented. Forced: both protocols start
+    from the same linear-probe head (``build_classifier`` patched for FT), and a learning
+    rate of 3 wrecks every trained epoch, so the start scores higher on validation than
+    each of them. FT must still keep a trained epoch (>= 1); LP-FT keeps epoch 0, and its
+    kept model is the probe (same validation AUROC)."""
+    from kfundus.workflows import transfer
+
+    data = make_hrdc(tmp_path / "hrdc", n_images=80, size=SIZE, seed=4)
+    config = load_config(
+        "hr_transfer",
+        [
+            f"data.image_size={SIZE}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "transfer.folds=2",
+            "data.split.val=0.3",
+            f"transfer.backbones=[{{name: random, family: clip, encoder_config: {TINY_CLIP}}}]",
+            "train.learning_rate=3.0",
+            "train.warmup_epochs=0",
+            "train.epochs=2",
+            "train.early_stopping=0",
+        ],
+    )
+    manifest, images, pre = transfer.load_images(transfer.load_task(config, data), config)
+    y = manifest.frame[manifest.labels[0]].to_numpy().astype(int)
+    fold = transfer.make_folds(manifest, config)[0]
+    spec = config.transfer.backbones[0]
+    features = transfer.extract_features(spec, manifest, images, pre, cache_dir=tmp_path / "cache")
+    probe = fit_linear_probe(features[fold["val"]], y[fold["val"]], config.transfer.linear_probe)
+    original = transfer.build_classifier
+    monkeypatch.setattr(transfer, "fit_linear_probe", lambda *args, **kwargs: probe)
+    monkeypatch.setattr(transfer, "build_classifier", lambda extractor, head=None: original(extractor, head or probe))
+    (tmp_path / "h").mkdir()
+    rows = {
+        p: transfer.run_cell(spec, p, fold, 0, y, images, features, config, tmp_path / "h") for p in ("ft", "lp_ft")
+    }
+    for protocol in ("ft", "lp_ft"):
+        history = pd.read_csv(tmp_path / "h" / f"random_{protocol}_fold0.csv")
+        assert history["epoch"].tolist() == [0, 1, 2]
+        # the situation is forced: the start beats every trained epoch on validation
+        assert history["val_auroc"].iloc[0] > history["val_auroc"].iloc[1:].max(), history
+    assert rows["ft"]["best_epoch"] in (1, 2), rows["ft"]
+    assert rows["lp_ft"]["best_epoch"] == 0, rows["lp_ft"]
+    # LP-FT kept its start: the model it reports scores as the start did (exact AUROC)
+    assert rows["lp_ft"]["val_auroc"] == pytest.approx(rows["lp_ft"]["initial_val_auroc"], abs=1e-6)
+    assert rows["ft"]["val_auroc"] < rows["ft"]["initial_val_auroc"]  # FT kept a (worse) trained epoch

@@ -2,9 +2,12 @@
 
 ``kfundus export --run runs/NAME`` (and ``train`` after training) writes the bundle of
 ``kfundus.deploy.saved_model`` plus what a deployment needs to use it without the run folder:
-``model_card.json`` gains the labels, the decision thresholds chosen on validation, the
-preprocessing, the input size, the metrics on validation and test (from the run's
-``eval-val`` / ``eval-test`` reports when they exist), a data summary, and, per format,
+``model_card.json`` gains the labels, the decision rules chosen on validation (thresholds
+per label; per head for multi-task models: ``thresholds.heads``), the preprocessing, the
+input size, the metrics on validation and test (from the run's ``eval-val`` /
+``eval-test`` reports when they exist, each with the data, split, model file, kfundus
+version and time it was evaluated with, and every head's summary), a data summary, and,
+per format,
 the macro AUROC on the validation split next to the Keras model's — the measured cost
 of each TFLite quantization. ``kfundus predict`` reads everything from that card.
 
@@ -45,12 +48,23 @@ HEADLINE = (
 )
 
 
+# Where an evaluation's numbers come from: the model card repeats them beside the numbers.
+PROVENANCE = ("data", "split", "scope", "rows", "model_file", "kfundus_version", "evaluated")
+
+
 def headline(metrics: dict) -> dict:
-    """The scalar summary of an evaluation's metrics.json (and the ODIR score)."""
+    """The scalar summary of an evaluation's metrics.json: the headline metrics, the ODIR
+    score, the classes left out of the macro means, the summary of every head of a
+    multi-task model, and what was evaluated (data, split, rows, model file, kfundus
+    version, time)."""
     out = {k: metrics[k] for k in HEADLINE if k in metrics}
     if "odir" in metrics:
         out["odir"] = metrics["odir"]
-    for key in ("rows", "scope"):
+    if metrics.get("excluded_classes"):
+        out["excluded_classes"] = metrics["excluded_classes"]
+    if metrics.get("heads"):
+        out["heads"] = {head: headline(report) for head, report in metrics["heads"].items()}
+    for key in PROVENANCE:
         if key in metrics:
             out[key] = metrics[key]
     return out
@@ -187,6 +201,7 @@ def export_run(run_dir, out_dir=None, *, data_path=None) -> Path:
             "method": thresholds["method"],
             "labels": thresholds["labels"],
             "values": thresholds["thresholds"],
+            **({"heads": thresholds["heads"]} if thresholds.get("heads") else {}),
         },
         "preprocessing": {
             **dataclasses.asdict(preprocess),

@@ -9,14 +9,19 @@ on validation, preprocessing and input size are read from ``model_card.json``.
 Images: a folder (every .jpg/.jpeg/.png/.bmp/.tif/.tiff in it, sorted), a glob, or a CSV.
 A single-input model reads a CSV's ``image`` column (or its first column); a two-eye model
 reads ``left_image``/``right_image`` (or ``left``/``right``) columns, and pairs a folder's
-files by the ODIR names ``<id>_left.*`` / ``<id>_right.*``.
+files by the ODIR names ``<id>_left.*`` / ``<id>_right.*``. Whatever a folder or glob holds
+that is not read (another extension, a sub-folder, an image a two-eye model cannot pair)
+is printed and listed in the output with status ``ignored: <why>``.
 
 Output, one row per image (or patient): ``id``, the input path(s), ``status`` (``ok``, or
-why the row was skipped: missing file, corrupt JPEG, ...), ``prob_<label>`` and
-``pred_<label>`` (1 when the probability reaches the label's threshold) for sigmoid
-outputs, or ``prediction`` (the arg-max label) for a softmax output. Other named outputs
-of multi-task models follow as ``<output>_<unit>`` columns. Unreadable images are listed,
-never fatal.
+why the row was skipped: missing file, corrupt JPEG, ..., or ignored), then per labelled
+output (head), primary first: ``prob_<label>`` and ``pred_<label>`` (1 when the
+probability is strictly above the label's threshold, the convention of ``kfundus
+evaluate``) for sigmoid heads, or ``prob_<label>`` and ``prediction`` (the arg-max label;
+``<head>_prediction`` for a second head) for softmax heads. Every head of a multi-task
+model (the dual-stream ``abnormal`` head) has its own thresholds, chosen on validation
+(``model_card.json`` → ``thresholds.heads``). Unlabelled outputs (an embedding) follow as
+``<output>_<unit>`` columns. Unreadable images are listed, never fatal.
 
 Backends: ``keras`` (``model.keras``), ``saved_model`` (its ``serving_default`` signature
 on the encoded bytes: preprocessing runs inside the graph) and ``tflite`` (any of the
@@ -42,24 +47,86 @@ BACKENDS = ("keras", "saved_model", "tflite")
 # which images
 
 
+IGNORED = "ignored"
+
+
+def _ignored_reason(path: Path) -> str | None:
+    """Why a folder or glob entry is not read as an image (None: it is read)."""
+    if path.is_dir():
+        return "a folder, not searched (give a glob such as 'DIR/**/*.jpg' to read sub-folders)"
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        kind = f"extension {path.suffix}" if path.suffix else "no extension"
+        return f"not an image by its extension ({kind}; read: {' '.join(IMAGE_EXTENSIONS)})"
+    return None
+
+
 def list_images(spec, inputs: list[str]) -> pd.DataFrame:
-    """A table with an ``id`` and one path column per model input, from a folder, glob or CSV."""
+    """A table with an ``id``, one path column per model input and a ``status`` column,
+    from a folder, glob or CSV.
+
+    ``status`` is empty for the rows to predict. Entries of a folder or glob that are not
+    read are rows too, never dropped silently: ``ignored: <why>`` for files whose extension
+    is not an image's (``IMAGE_EXTENSIONS``), sub-folders and, for a two-eye model, images
+    not named ``<id>_left`` / ``<id>_right``.
+
+    Raises:
+        DataError: a missing CSV, or nothing to predict (the message lists what was ignored).
+    """
     path = Path(spec)
     if path.suffix.lower() == ".csv":
         if not path.exists():
             raise DataError(f"--images {spec}: CSV not found")
-        return _from_csv(path, inputs)
+        return _from_csv(path, inputs).assign(status="")
     if path.is_dir():
-        files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        where = f"folder {spec}"
+        entries, where = sorted(path.iterdir()), f"folder {spec}"
     else:
-        files = sorted(f for f in glob.glob(str(spec), recursive=True) if Path(f).suffix.lower() in IMAGE_EXTENSIONS)
-        where = f"pattern {spec!r}"
+        entries, where = sorted(Path(f) for f in glob.glob(str(spec), recursive=True)), f"pattern {spec!r}"
+    files, ignored = [], []
+    for entry in entries:
+        reason = _ignored_reason(entry)
+        if reason:
+            ignored.append((entry, reason))
+        else:
+            files.append(str(entry))
     if not files:
-        raise DataError(f"--images {where}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+        seen = (
+            f"; it has {len(ignored)} other entr(ies), e.g. {', '.join(p.name for p, _ in ignored[:5])}"
+            if ignored
+            else ""
+        )
+        raise DataError(f"--images {where}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found{seen}")
     if len(inputs) == 1:
-        return pd.DataFrame({"id": [Path(f).stem for f in files], inputs[0]: files})
-    return _pair_eyes(files, inputs, where)
+        table = pd.DataFrame({"id": [Path(f).stem for f in files], inputs[0]: files, "status": ""})
+    else:
+        table, unpaired = _pair_eyes(files, inputs, where)
+        ignored += unpaired
+    if ignored:
+        rows = pd.DataFrame(
+            [
+                {
+                    "id": entry.stem,
+                    **dict.fromkeys(inputs, ""),
+                    _eye_column(entry, inputs): str(entry),
+                    "status": f"{IGNORED}: {reason}",
+                }
+                for entry, reason in ignored
+            ]
+        )
+        table = pd.concat([table, rows], ignore_index=True)
+    return table
+
+
+def ignored_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a ``list_images`` table that were not read, and why."""
+    return table[table["status"].astype(str).str.startswith(IGNORED)]
+
+
+def _eye_column(entry: Path, inputs: list[str]) -> str:
+    """The path column an ignored entry is listed under (its eye's, for two-eye models)."""
+    for name in inputs:
+        if entry.stem.lower().endswith("_" + name.removesuffix("_image")):
+            return name
+    return inputs[0]
 
 
 def _from_csv(path: Path, inputs: list[str]) -> pd.DataFrame:
@@ -85,13 +152,18 @@ def _from_csv(path: Path, inputs: list[str]) -> pd.DataFrame:
     return frame
 
 
-def _pair_eyes(files, inputs, where) -> pd.DataFrame:
-    rows = {}
+def _pair_eyes(files, inputs, where) -> tuple[pd.DataFrame, list]:
+    """``(table, unpaired)``: files paired by the ODIR names ``<id>_left.*`` / ``<id>_right.*``,
+    and the files not so named, with the reason."""
+    rows, unpaired = {}, []
     for f in files:
         stem = Path(f).stem
         for eye in ("left", "right"):
             if stem.lower().endswith(f"_{eye}"):
                 rows.setdefault(stem[: -len(eye) - 1], {})[f"{eye}_image"] = f
+                break
+        else:
+            unpaired.append((Path(f), "not named <id>_left.* or <id>_right.*, so not paired (a two-eye model)"))
     if not rows:
         raise DataError(
             f"--images {where}: this two-eye model needs files named <id>_left.* and "
@@ -100,7 +172,7 @@ def _pair_eyes(files, inputs, where) -> pd.DataFrame:
     frame = pd.DataFrame([{"id": k, **v} for k, v in sorted(rows.items())])
     for name in inputs:
         frame[name] = frame.get(name, pd.Series([""] * len(frame))).fillna("")
-    return frame[["id", *inputs]]
+    return frame[["id", *inputs]].assign(status=""), unpaired
 
 
 # ---------------------------------------------------------------------------
@@ -117,22 +189,27 @@ def _read(path: str) -> tuple[bytes | None, str | None]:
 
 
 class _Preprocessor:
-    """Encoded bytes -> the model input, exactly as the training cache makes it."""
+    """Encoded bytes -> the model input, exactly as the training cache makes it; bytes that
+    cannot be an image get the reason the SavedModel's bytes signature gives
+    (``encoded_image_problem``), so every backend reports a bad file the same way."""
 
     def __init__(self, preprocess):
         import tensorflow as tf
 
-        from kfundus.data.pipeline import preprocess_image
+        from kfundus.data.pipeline import encoded_image_problem, preprocess_image
 
-        self._fn = tf.function(
-            lambda c: tf.round(preprocess_image(c, preprocess)), input_signature=[tf.TensorSpec((), tf.string)]
-        )
+        spec = [tf.TensorSpec((), tf.string)]
+        self._problem = tf.function(encoded_image_problem, input_signature=spec)
+        self._fn = tf.function(lambda c: tf.round(preprocess_image(c, preprocess)), input_signature=spec)
 
     def __call__(self, data: bytes) -> tuple[np.ndarray | None, str | None]:
         import tensorflow as tf
 
         from kfundus.data.pipeline import decode_error_message
 
+        problem = self._problem(tf.constant(data)).numpy().decode()
+        if problem:
+            return None, problem
         try:
             return self._fn(tf.constant(data)).numpy(), None
         except tf.errors.OpError as err:
@@ -228,9 +305,16 @@ def predict_images(
         )
         prepare = _Preprocessor(preprocess)
 
-    status = [None] * len(table)
+    ignored = ignored_rows(table)
+    if len(ignored):
+        shown = ", ".join(Path(p).name for p in ignored[inputs].max(axis=1).head(5))
+        print(
+            f"ignored {len(ignored)} entr(ies) of --images {images} that are not images to read "
+            f"(e.g. {shown}): listed with status '{IGNORED}: <why>' in the output"
+        )
+    status = [s or None for s in table["status"].astype(str)]
     values: dict[int, dict] = {}
-    rows = list(range(len(table)))
+    rows = [i for i in range(len(table)) if status[i] is None]
     bar = tqdm(total=len(rows), desc=f"predicting ({backend})", unit="img", disable=not progress, leave=False)
     for start in range(0, len(rows), batch_size):
         chunk, feed = [], {name: [] for name in inputs}
@@ -263,14 +347,15 @@ def predict_images(
         bar.update(len(rows[start : start + batch_size]))
     bar.close()
 
-    result = _table(table, status, values, card)
-    skipped = int((result["status"] != "ok").sum())
+    result = _table(table.drop(columns=["status"]), status, values, card)
+    skipped = int((result["status"] != "ok").sum()) - len(ignored)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         result.to_csv(out, index=False)
         print(
-            f"predicted {len(result) - skipped} of {len(result)} row(s) with {backend}"
+            f"predicted {len(result) - skipped - len(ignored)} of {len(result) - len(ignored)} row(s) with {backend}"
             + (f"; {skipped} skipped (reasons in the status column)" if skipped else "")
+            + (f"; {len(ignored)} ignored file(s) listed" if len(ignored) else "")
             + f": {out}"
         )
     return result
@@ -309,33 +394,44 @@ def _saved_model_runner(bundle: Path, inputs: list[str]):
 
 
 def _table(table: pd.DataFrame, status, values: dict, card: dict) -> pd.DataFrame:
+    """The output table: the listed rows, their status and, per labelled output (head), its
+    probabilities and decisions (``kfundus.evaluation.predict.decision_columns``, the
+    columns ``predictions.csv`` of ``kfundus evaluate`` has)."""
+    from kfundus.evaluation.predict import decision_columns
+
     result = table.copy()
     result["status"] = status
     labels = card["labels"]
-    primary = card.get("primary_output")
-    thresholds = dict(zip(card["thresholds"]["labels"], card["thresholds"]["values"]))
     outputs = [o["name"] for o in card["outputs"]]
-    primary = primary or (outputs[0] if len(outputs) == 1 else "probabilities")
+    primary = card.get("primary_output") or (outputs[0] if len(outputs) == 1 else "probabilities")
     primary_labels = labels[primary] if isinstance(labels, dict) else labels
-    softmax = card.get("task") == "multiclass"
+    rules = card["thresholds"].get("heads") or {}
+    chosen = dict(zip(card["thresholds"]["labels"], card["thresholds"]["values"]))
     ok = [i for i in range(len(result)) if i in values]
-    for name in outputs:
+    order = [primary] + [name for name in outputs if name != primary]
+    frames, taken = [result], {str(x) for x in primary_labels}
+    for name in order:
+        if name not in outputs:
+            continue
         width = next(o["shape"][-1] for o in card["outputs"] if o["name"] == name)
         matrix = np.full((len(result), width), np.nan, dtype=np.float64)
         for i in ok:
             matrix[i] = values[i][name]
         if name == primary:
-            for k, label in enumerate(primary_labels):
-                result[f"prob_{label}"] = matrix[:, k]
-            if softmax:
-                best = np.nanargmax(np.where(np.isnan(matrix), -1, matrix), axis=1)
-                result["prediction"] = [primary_labels[b] if i in values else "" for i, b in enumerate(best)]
-            else:
-                for k, label in enumerate(primary_labels):
-                    decided = (matrix[:, k] >= thresholds.get(label, 0.5)).astype(float)
-                    result[f"pred_{label}"] = pd.array(np.where(np.isnan(matrix[:, k]), np.nan, decided), dtype="Int64")
-        else:
+            task = card.get("task")
+            cut = None if task == "multiclass" else [chosen.get(str(label), 0.5) for label in primary_labels]
+            frames.append(decision_columns(matrix, primary_labels, task, cut))
+        elif name in rules:  # another head of a multi-task model, with its rule chosen on validation
+            rule = rules[name]
+            names = [str(x) for x in rule["labels"]]
+            prefix = f"{name}_" if taken & set(names) else ""
+            taken |= set(names)
+            frames.append(
+                decision_columns(
+                    matrix, names, rule["task"], rule.get("thresholds"), prefix=prefix, prediction=f"{name}_prediction"
+                )
+            )
+        else:  # unlabelled outputs (an embedding), or a head of a bundle exported without its rule
             names = labels.get(name) if isinstance(labels, dict) else None
-            for k in range(width):
-                result[f"{name}_{names[k] if names else k}"] = matrix[:, k]
-    return result
+            frames.append(pd.DataFrame({f"{name}_{names[k] if names else k}": matrix[:, k] for k in range(width)}))
+    return pd.concat(frames, axis=1)

@@ -8,7 +8,9 @@ top-level ``distribution`` key (``--set distribution=mirrored``):
 ``mirrored``
     ``tf.distribute.MirroredStrategy`` over every GPU of this machine (or every logical
     CPU device when there is no GPU): model, optimizer and metrics are built in its scope,
-    each step splits the batch across the replicas and all-reduces the gradients.
+    each step splits the batch across the replicas and all-reduces the gradients. On a
+    machine with one device that is one replica: the run says so (a ``UserWarning``), trains
+    exactly as ``none`` would, and ``run.json`` records ``replicas: 1``.
 ``multi_worker``
     ``tf.distribute.MultiWorkerMirroredStrategy`` over several machines, described by the
     ``TF_CONFIG`` environment variable (same command on every host, each with its own
@@ -34,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 
 from kfundus.errors import ConfigError
 
@@ -170,8 +173,26 @@ def strategy_scope(distribution: str = "none", where: str = "distribution"):
             f"{where}={distribution}: {strategy.num_replicas_in_sync} replicas "
             f"({type(strategy).__name__}); batch_size is the global batch"
         )
+    elif distribution != "none":
+        warnings.warn(one_replica_message(distribution, strategy, where), stacklevel=3)
     with strategy.scope():
         yield strategy
+
+
+def one_replica_message(distribution: str, strategy, where: str = "distribution") -> str:
+    """What a distributed strategy that ended up with a single replica says: the run is not
+    data-parallel, and how to get devices (or drop the setting)."""
+    devices = list(getattr(strategy.extended, "worker_devices", ()) or ())
+    found = ", ".join(devices) or "one device"
+    hint = (
+        "more GPUs on this machine (CUDA_VISIBLE_DEVICES lists them)"
+        if distribution == "mirrored"
+        else "more workers in TF_CONFIG's cluster.worker, or GPUs on this one"
+    )
+    return (
+        f"{where}={distribution} found a single device ({found}): training runs on 1 replica, the same "
+        f"computation as {where}=none, not data-parallel. Give it {hint}, or --set {where}=none"
+    )
 
 
 def per_replica_batch(global_batch: int, replicas: int, where: str = "train.batch_size") -> int:

@@ -132,8 +132,10 @@ def fit(
     with reproducible(train.seed, train.deterministic), precision_policy(train.mixed_precision):
         with strategy_scope(distribution) as strategy:  # "none": the default strategy, a no-op
             model = build()
+            param_groups = getattr(objective, "param_groups", None)  # layer-wise lr decay (train.layer_decay)
+            groups = param_groups(model) if param_groups is not None and train.layer_decay is not None else None
             model.compile(
-                optimizer=make_optimizer(train, steps),
+                optimizer=make_optimizer(train, steps, groups),
                 loss=objective.loss,
                 loss_weights=objective.loss_weights,
                 metrics=objective.metrics,

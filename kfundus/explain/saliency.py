@@ -97,6 +97,26 @@ def _dataset_images(dataset_dir: Path) -> list[Path]:
     ]
 
 
+def mask_dataset(path) -> Path | None:
+    """The dataset folder of a ``masks/`` folder (``path`` is the dataset folder or its
+    ``masks`` folder), or None when there is none."""
+    path = Path(path)
+    if path.name == "masks" and path.is_dir():
+        return path.parent
+    return path if (path / "masks").is_dir() else None
+
+
+def has_mask(dataset_dir, image_path) -> bool:
+    """Whether a synthetic dataset has a mask file for this image."""
+    dataset_dir = Path(dataset_dir).resolve()
+    try:
+        rel = Path(image_path).resolve().relative_to(dataset_dir)
+    except ValueError:
+        return False
+    parts = rel.parts[1:] if rel.parts[:1] == ("images",) else rel.parts
+    return dataset_dir.joinpath("masks", *parts).with_suffix(".npz").exists()
+
+
 def localisation_report(
     model,
     dataset_dir,
@@ -116,7 +136,9 @@ def localisation_report(
     For each class, **every image that has the lesion** is explained for that class,
     predicted or not (the measure is not conditioned on the model's decision; the column
     ``predicted`` counts those above ``threshold``). Masks from ``load_masks`` go through
-    the image's own geometry (``preprocess_mask``).
+    the image's own geometry (``preprocess_mask``); images are read as the model sees them
+    (``load_images``: 8-bit). A two-eye model is measured per eye: each eye that has the
+    lesion, with that eye's map of the patient's class logit (``GradCAM``).
 
     Args:
         model: the classifier; ``labels``: its output names.
@@ -125,7 +147,9 @@ def localisation_report(
         classes: labels to measure. Default: all but ``N`` and the whole-field findings
             (cataract ``C``, myopia ``M``, their RFMiD columns): their mask is the entire
             field of view, where localisation is meaningless.
-        images: the image paths to use (e.g. a held-out split); default all with masks.
+        images: the image paths to use (e.g. a held-out split; relative ones to the
+            dataset folder), or for a two-eye model a table with ``left_image`` and
+            ``right_image`` columns; default all images with masks (single-eye models).
         layer, batch_size: see ``gradcam``; ``tolerance``: see ``localisation``.
         threshold: for the ``predicted`` column (one value or one per label).
 
@@ -142,30 +166,42 @@ def localisation_report(
     classes = [c for c in labels if c != "N" and c not in WHOLE_FIELD_LABELS] if classes is None else list(classes)
     if set(classes) - set(labels):
         raise ConfigError(f"classes {sorted(set(classes) - set(labels))} are not among the model's labels {labels}")
-    paths = (
-        _dataset_images(dataset_dir)
-        if images is None
-        else [  # relative: to the dataset folder
-            Path(p) if Path(p).is_absolute() or Path(p).exists() else dataset_dir / p for p in images
-        ]
-    )
     explainer = GradCAM(model, layer)
+    inputs = explainer.input_names
+
+    def resolve(p):  # relative: to the dataset folder
+        return Path(p) if Path(p).is_absolute() or Path(p).exists() else dataset_dir / p
+
+    if isinstance(images, pd.DataFrame):
+        table = pd.DataFrame({n: [resolve(p) if str(p) else None for p in images[n]] for n in inputs})
+    elif len(inputs) > 1:
+        raise ConfigError(f"model {model.name} reads {inputs}: give images as a table with those columns")
+    else:
+        paths = _dataset_images(dataset_dir) if images is None else [resolve(p) for p in images]
+        table = pd.DataFrame({inputs[0]: paths})
     thresholds = np.broadcast_to(np.asarray(threshold, dtype=float), (len(labels),))
     per_class = {c: [] for c in classes}
-    for start in tqdm(range(0, len(paths), batch_size), desc="localisation", disable=not progress):
-        chunk = paths[start : start + batch_size]
+    for start in tqdm(range(0, len(table), batch_size), desc="localisation", disable=not progress):
+        chunk = table.iloc[start : start + batch_size].reset_index(drop=True)
         pairs = [
-            (i, c, m[c]) for i, p in enumerate(chunk) for m in [load_masks(dataset_dir, p)] for c in classes if c in m
+            (i, n, c, m[c])
+            for i in range(len(chunk))
+            for n in inputs
+            if chunk[n].iloc[i] is not None and has_mask(dataset_dir, chunk[n].iloc[i])
+            for m in [load_masks(dataset_dir, chunk[n].iloc[i])]
+            for c in classes
+            if c in m
         ]
         if not pairs:
             continue
-        batch = load_images(chunk, preprocess)
+        batch = {n: load_images(chunk[n], preprocess) for n in inputs}
         probs = explainer.predict(batch)
-        index = np.array([i for i, _, _ in pairs])
-        maps = explainer(batch[index], [labels.index(c) for _, c, _ in pairs])
-        for (i, c, mask), cam in zip(pairs, maps):
-            aligned = preprocess_mask(mask, tf.io.read_file(str(chunk[i])), preprocess).numpy()
-            per_class[c].append((cam, aligned, probs[i, labels.index(c)] > thresholds[labels.index(c)]))
+        index = np.array([i for i, _, _, _ in pairs])
+        maps = explainer({n: batch[n][index] for n in inputs}, [labels.index(c) for _, _, c, _ in pairs])
+        maps = maps if isinstance(maps, dict) else {inputs[0]: maps}
+        for k, (i, n, c, mask) in enumerate(pairs):
+            aligned = preprocess_mask(mask, tf.io.read_file(str(chunk[n].iloc[i])), preprocess).numpy()
+            per_class[c].append((maps[n][k], aligned, probs[i, labels.index(c)] > thresholds[labels.index(c)]))
     rows = []
     for c in classes:
         cams, masks, predicted = (
@@ -177,6 +213,34 @@ def localisation_report(
             {"label": c, "images": summary["n"], "predicted": int(np.sum(predicted)), **{k: summary[k] for k in keys}}
         )
     return pd.DataFrame(rows)
+
+
+def plot_localisation(table: pd.DataFrame, path) -> Path:
+    """Two bar panels per class of a ``localisation_report`` table: the energy ratio
+    (energy share in the mask over its area share; the dashed line at 1 is chance) and
+    the pointing game (share of maps whose maximum hits the lesion)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(max(5.0, 1.2 * len(table) + 3), 3.4), dpi=120)
+    FigureCanvasAgg(fig)
+    names = [f"{r.label}\n(n={r.images})" for r in table.itertuples()]
+    for k, (column, title) in enumerate(
+        (("ratio", "energy in mask / mask area"), ("pointing_game", "pointing game (hit rate)"))
+    ):
+        ax = fig.add_subplot(1, 2, k + 1)
+        ax.bar(range(len(table)), np.nan_to_num(table[column].to_numpy(dtype=float)))
+        ax.set_xticks(range(len(table)), names, fontsize=8)
+        ax.set_title(title, fontsize=9)
+        if column == "ratio":
+            ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        else:
+            ax.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
 
 
 # ---------------------------------------------------------------------------

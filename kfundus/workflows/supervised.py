@@ -42,6 +42,16 @@ def make_splits(manifest: Manifest, config: Config) -> dict[str, Manifest]:
     return splits
 
 
+def skipped_table(manifest: Manifest, prepared: dict) -> pd.DataFrame:
+    """Every row left out, one table: the reader's (missing images, rows without any of the
+    labels, split ``""``: before splitting) and each split's (unreadable, too small), with
+    the file row, path, reason, detail and split (``kfundus.run.SKIPPED_TABLE``)."""
+    from kfundus.data.manifest import concat_skipped
+
+    parts = [manifest.skipped.assign(split="")] + [p.skipped.assign(split=n) for n, p in prepared.items()]
+    return concat_skipped(*parts).drop(columns=["row"], errors="ignore")
+
+
 def splits_table(splits: dict[str, Manifest]) -> pd.DataFrame:
     frames = [m.frame.assign(split=name) for name, m in splits.items() if len(m)]
     return pd.concat(frames, ignore_index=True)
@@ -70,8 +80,9 @@ def train(
     from kfundus.data.readers import load_dataset
     from kfundus.engine import fit
     from kfundus.evaluation.plots import plot_training_curves
-    from kfundus.evaluation.predict import predict
+    from kfundus.evaluation.predict import predict_outputs
     from kfundus.metrics import choose_thresholds
+    from kfundus.objectives import head_thresholds, primary_output, score_defined_classes
     from kfundus.systems import build_model, make_objective
 
     run = RunFolder(run_dir or Path(config.output_dir) / config.name)
@@ -83,22 +94,32 @@ def train(
     keras.utils.set_random_seed(config.train.seed)
     splits = make_splits(manifest, config)
     pre = Preprocess.from_config(config.data)
+    d = config.data
     prepared = {
-        name: prepare(part, pre, cache_dir=config.data.cache_dir, skip_unreadable=config.data.skip_unreadable)
+        name: prepare(
+            part,
+            pre,
+            cache_dir=d.cache_dir,
+            skip_unreadable=d.skip_unreadable,
+            small_images=d.small_images,
+            split=name,
+        )
         for name, part in splits.items()
         if len(part)
     }
     run.write_splits(splits_table({name: p.manifest for name, p in prepared.items()}))
-    skipped = pd.concat(
-        [manifest.skipped.assign(split="")] + [p.skipped.assign(split=n) for n, p in prepared.items()],
-        ignore_index=True,
-    )
-    run.write_skipped(skipped)
+    skipped = skipped_table(manifest, prepared)
+    skip_counts = run.write_skipped(skipped)
     if len(skipped):
-        print(f"skipped {len(skipped)} image(s): listed with the reason in {run / 'skipped.csv'}")
+        counts = ", ".join(f"{n} {reason}" for reason, n in skip_counts.items())
+        print(f"skipped {len(skipped)} row(s) ({counts}): listed with the reason in {run / 'skipped.csv'}")
     save_samples(prepared["val"], run / SAMPLES)
 
     objective = make_objective(config, manifest, prepared["train"].manifest.targets())
+    # val_auroc = evaluate's macro AUROC: classes validation cannot score are left out (and warned about)
+    objective, auroc_excluded = score_defined_classes(
+        objective, prepared["val"].manifest.targets(), manifest.labels, monitor=config.train.monitor
+    )
     run.write_info(
         {
             "name": config.name,
@@ -114,6 +135,9 @@ def train(
             "source": manifest.name,
             "counts": {n: {"rows": len(p), "positives": p.manifest.counts()} for n, p in prepared.items()},
             "skipped": len(skipped),
+            "skipped_by_reason": skip_counts,
+            "small_images_kept": int(sum(len(p.small) for p in prepared.values())),
+            "auroc_excluded": auroc_excluded,
             "started": now(),
         }
     )
@@ -143,11 +167,15 @@ def train(
     model = result.model
     model.save(run.model_file)
     val = prepared["val"]
-    thresholds = choose_thresholds(
-        val.manifest.targets(), predict(model, val, t.batch_size, objective.primary), method="youden"
+    outputs = predict_outputs(model, val, t.batch_size)  # every head's threshold is chosen on validation
+    y_val = val.manifest.targets()
+    thresholds = choose_thresholds(y_val, primary_output(outputs, objective.primary), method="youden")
+    run.write_thresholds(
+        manifest.labels, thresholds, objective.primary, heads=head_thresholds(objective, outputs, y_val)
     )
-    run.write_thresholds(manifest.labels, thresholds, objective.primary)
-    run.update_info(finished=now(), epochs_trained=len(result.history), best_epoch=result.best_epoch)
+    run.update_info(
+        finished=now(), epochs_trained=len(result.history), best_epoch=result.best_epoch, replicas=result.replicas
+    )
     plot_training_curves(run / HISTORY, run / CURVES)
     chosen = f"best {t.monitor} checkpoint, epoch {result.best_epoch}" if t.checkpoint == "best" else "last epoch"
     print(f"trained: {run.model_file} ({chosen})")

@@ -49,12 +49,12 @@ import numpy as np
 import pandas as pd
 
 from kfundus.config import BackboneSpec, Config, LinearProbeConfig, TrainConfig, replace, save_config
-from kfundus.config.schema import backbone_family
+from kfundus.config.schema import BACKBONE_FAMILIES, backbone_family
 from kfundus.data.cache import default_cache_dir
 from kfundus.data.manifest import Manifest
 from kfundus.data.pipeline import Preprocess, augmenter, cache_key
 from kfundus.errors import ConfigError, DataError
-from kfundus.objectives import Objective, balanced_class_weight
+from kfundus.objectives import MacroAUROC, Objective, balanced_class_weight
 
 METRICS = ("auroc", "kappa", "f1", "sensitivity", "specificity")
 PROTOCOL_NAMES = {"lp": "LP", "ft": "FT", "lp_ft": "LP-FT"}
@@ -147,13 +147,24 @@ def build_extractor(spec: BackboneSpec, image_size: int, seed: int = 0) -> keras
     keras.utils.set_random_seed(seed)
     family = backbone_family(spec)
     if family is None:
-        raise ConfigError(f"backbone {spec.name}: family={spec.family!r}; set family to efficientnet_b0, clip or vit")
+        raise ConfigError(
+            f"backbone {spec.name}: family={spec.family!r}; set family to one of " + ", ".join(BACKBONE_FAMILIES)
+        )
     inputs = keras.Input((image_size, image_size, 3), name="image")
     if family == "efficientnet_b0":
         if spec.encoder_config:
             raise ConfigError(f"backbone {spec.name}: encoder_config is for clip/vit backbones")
         backbone = efficientnet_b0_backbone(image_size, spec.weights)
         features = keras.layers.GlobalAveragePooling2D(name="features")(backbone(inputs))
+    elif family == "flair":  # the pooled ResNet-50 feature (what FLAIR's linear probe reads)
+        from kfundus.systems.flair.model import flair_extractor
+
+        extractor = flair_extractor(spec.weights, image_size, resnet_config=spec.encoder_config or None)
+        features = extractor(inputs)
+    elif family == "retfound":  # RETFound's fine-tuning feature: patch-token mean + fc_norm
+        from kfundus.systems.retfound.model import build_retfound_features
+
+        features = build_retfound_features(spec.weights, image_size, encoder_config=spec.encoder_config or None)(inputs)
     else:
         encoder = load_encoder(family, spec.weights, image_size, spec.encoder_config or None)
         normalise = input_normalization(family)
@@ -342,7 +353,7 @@ def fine_tune(
     t = config.train
     objective = Objective(
         loss=keras.losses.BinaryCrossentropy(),
-        metrics=[keras.metrics.AUC(name="auroc")],
+        metrics=[MacroAUROC(1)],
         class_weight=balanced_class_weight(y[train_idx]) if t.class_weight == "balanced" else None,
     )
     train_ds = _dataset(

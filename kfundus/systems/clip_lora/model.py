@@ -11,9 +11,9 @@ Inputs are float32 RGB in [0, 255] (the kfundus pipeline); the CLIP (or ViT) inp
 normalisation is a layer inside the model, so the exported SavedModel / TFLite take the
 same input. The per-eye variant (``two_eye=False``) has one input ``image``. Outputs:
 ``probabilities`` (sigmoid over the labels) and ``embedding`` (the fused features, what the
-Shadow loss reads); ``kfundus.systems.clip_lora.objective`` trains them with
-``BCE + lambda * Shadow``. The encoder (``model.weights``) is loaded by
-``kfundus.systems.clip_lora.encoders.load_encoder``.
+Shadow loss reads, L2-normalising them first; the output itself is not normalised);
+``kfundus.systems.clip_lora.objective`` trains them with ``BCE + lambda * Shadow``. The
+encoder (``model.weights``) is loaded by ``kfundus.systems.clip_lora.encoders.load_encoder``.
 
 Choices where the paper leaves room: the image feature is the encoder's class token after
 its final layer norm (CLIP's pooled output, before CLIP's text-alignment projection); the

@@ -13,7 +13,8 @@ SHADOW_OPTIONS = {"shadow_weight": 1.0, "margin": 0.5}
 
 def shadow_objective(config, manifest, train_targets):
     """``BCE + lambda * Shadow``: ``train.loss`` (bce, weighted_bce or focal) on
-    ``probabilities``, ``ShadowLoss(margin)`` on ``embedding`` with weight ``lambda``.
+    ``probabilities``, ``ShadowLoss(margin)`` (the cosine triplet form: it L2-normalises the
+    embeddings) on ``embedding`` with weight ``lambda``.
     ``train.loss_options``: ``shadow_weight`` (lambda, default 1; 0 = BCE only) and
     ``margin`` (default 0.5). ``train.monitor`` must name the probabilities' metric
     (``val_probabilities_auroc``) or a loss."""

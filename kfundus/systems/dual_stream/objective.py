@@ -31,7 +31,7 @@ import numpy as np
 
 from kfundus.errors import ConfigError
 from kfundus.labels import DR_GRADES
-from kfundus.objectives import Objective
+from kfundus.objectives import MacroAUROC, Objective
 from kfundus.systems.dual_stream.kappa import QuadraticWeightedKappa
 
 LOSSES = ("wlsr", "label_smoothing", "bce")
@@ -85,13 +85,13 @@ def head_metrics(task: str, labels, ordinal: bool = False) -> list:
         metrics = [
             keras.metrics.CategoricalAccuracy(name="accuracy"),
             keras.metrics.F1Score(average="macro", name="macro_f1"),
-            keras.metrics.AUC(multi_label=True, num_labels=k, name="auroc"),
+            MacroAUROC(k, name="auroc"),
         ]
         return metrics + ([QuadraticWeightedKappa(k, name="qwk")] if ordinal else [])
     return [
         keras.metrics.BinaryAccuracy(name="accuracy"),
         keras.metrics.F1Score(average="macro", threshold=0.5, name="macro_f1"),
-        keras.metrics.AUC(multi_label=True, num_labels=k, name="auroc"),
+        MacroAUROC(k, name="auroc"),
     ]
 
 
@@ -160,6 +160,7 @@ def dual_stream_objective(config, manifest, train_targets):
         loss_weights=weights,
         targets=make_targets(manifest.labels, primary, normal),
         primary=primary,
+        heads=heads,
     )
 
 
@@ -174,26 +175,51 @@ def primary_model(model: keras.Model, primary: str | None) -> keras.Model:
     return keras.Model(model.inputs, model.get_layer(primary).output, name=f"{model.name}_{primary}")
 
 
-def head_reports(predictions: dict, y: np.ndarray, manifest_labels, task: str, config) -> dict:
+def head_reports(
+    predictions: dict, y: np.ndarray, manifest_labels, task: str, config, thresholds: dict | None = None
+) -> dict:
     """Per-head metrics (``kfundus.metrics.evaluate_predictions``) of a multi-head model's
-    ``{head: probabilities}`` against the heads' targets built from label matrix ``y``;
-    binary heads at threshold 0.5."""
+    ``{head: probabilities}`` against the heads' targets built from label matrix ``y``.
+
+    Args:
+        predictions: ``{head: (N, units) probabilities}``.
+        y: the dataset's ``(N, K)`` label matrix.
+        manifest_labels: its label names.
+        task: its task.
+        config: the run's config (``model.options`` name the heads).
+        thresholds: ``{head: {"thresholds": [...]}}``, the ``heads`` entry of the run's
+            ``thresholds.json`` (chosen on validation); a sigmoid head it does not list is
+            evaluated at 0.5 and says so (``threshold_source``). Softmax heads decide by
+            argmax.
+
+    Returns:
+        ``{head: report}``, each with ``task``, ``labels`` and ``threshold_source``.
+    """
     from kfundus.metrics import evaluate_predictions
 
     options = config.model.options or {}
     primary, normal = options.get("primary_head", "classes"), options.get("normal_class")
     heads = task_heads(manifest_labels, task, primary, normal)
     targets = head_targets(y, manifest_labels, primary, normal)
+    thresholds = thresholds or {}
     reports = {}
     for head, (head_task, labels) in heads.items():
         if head not in predictions:
             continue
-        reports[head] = evaluate_predictions(
+        chosen = (thresholds.get(head) or {}).get("thresholds")
+        if head_task == "multiclass":
+            values, source = None, "argmax (no threshold)"
+        elif chosen is not None:
+            values, source = np.asarray(chosen, dtype=float), "validation (thresholds.json)"
+        else:
+            values, source = np.full(len(labels), 0.5), "0.5 (the run has no threshold for this head)"
+        report = evaluate_predictions(
             targets[head],
             np.asarray(predictions[head]),
             labels,
             head_task,
-            thresholds=None if head_task == "multiclass" else np.full(len(labels), 0.5),
+            thresholds=values,
             ordinal=head == primary and list(manifest_labels) == DR_GRADES,
         )
+        reports[head] = {**report, "threshold_source": source}
     return reports
