@@ -5,6 +5,12 @@
 # make lint   — ruff: lint and formatting check
 # make test-backends — a second venv (.cache/venv-jax: jax[cpu] + kfundus, TensorFlow for
 #               tf.data) and the backend matrix tests/backends (TF vs JAX; torch if installed)
+# make fixtures — the torch venv (.cache/venv-torch: torch, torchvision, timm, transformers,
+#               open_clip, safetensors) regenerates the tiny reference checkpoints and outputs in
+#               tests/fixtures/foundation that make test reads (kfundus itself never imports torch)
+# make test-foundation — full-size random-weight references (RETFound ViT-L/16, FLAIR ResNet-50 +
+#               BERT-base, RET-CLIP ViT-B/16 + BERT-base) written to $(FOUNDATION), converted and
+#               compared by tests/foundation (several GB of disk and RAM, minutes)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -14,7 +20,11 @@ BVENV  ?= .cache/venv-jax
 BPY    := $(BVENV)/bin/python
 BSTAMP := $(BVENV)/.kfundus-installed
 
-.PHONY: demo test bench docs docs-serve lint install clean test-backends
+TVENV  ?= .cache/venv-torch
+TPY    := $(TVENV)/bin/python
+FOUNDATION ?= .cache/foundation
+
+.PHONY: demo test bench docs docs-serve lint install clean test-backends fixtures test-foundation
 
 install: $(STAMP)
 
@@ -55,6 +65,22 @@ $(BSTAMP): setup.cfg pyproject.toml
 
 test-backends: $(BSTAMP)
 	KFUNDUS_BACKEND_MATRIX=1 $(BPY) -m pytest -q -s tests/backends
+
+$(TPY):
+	$(PYTHON) -m venv $(TVENV)
+	$(TPY) -m pip install --quiet --upgrade pip
+	$(TPY) -m pip install --quiet torch torchvision --index-url https://download.pytorch.org/whl/cpu \
+		|| $(TPY) -m pip install --quiet torch torchvision  # the CPU wheels are smaller; PyPI's also work
+	$(TPY) -m pip install --quiet timm transformers open_clip_torch safetensors numpy
+
+fixtures: $(TPY)
+	$(TPY) tests/fixtures/foundation/make_fixtures.py
+	$(TPY) tests/fixtures/foundation/make_flair_retclip.py
+
+test-foundation: $(STAMP) $(TPY)
+	$(TPY) tests/fixtures/foundation/make_fixtures.py --full --out $(FOUNDATION)
+	$(TPY) tests/fixtures/foundation/make_flair_retclip.py --full --out $(FOUNDATION)
+	KFUNDUS_FOUNDATION=$(abspath $(FOUNDATION)) $(PY) -m pytest -q -s tests/foundation
 
 clean:
 	rm -rf demo runs site .pytest_cache

@@ -8,6 +8,8 @@
     predict   --bundle saved_models/NAME --images DIR|GLOB|CSV [--format keras|saved_model|tflite]
     pretrain  --config retclip_pretrain --data DIR   (RET-CLIP; saves a vision encoder preset)
     transfer  --config hr_transfer [--data DIR]      (LP / FT / LP-FT per backbone, k-fold)
+    convert   --from retfound|flair|retclip CHECKPOINT --out DIR   (a released checkpoint -> Keras)
+    zero-shot --config flair_zero_shot --data DIR    (a converted FLAIR / RET-CLIP model, no training)
     sweep     --config NAME --data DIR --grid KEY=V1,V2 [...]   (comparison table)
     synth     --layout odir|rfmid|dr|oct|hrdc --out DIR [...]   (synthetic data in the public layouts)
     demo      [--out demo]  synthetic data -> train -> evaluate -> export, in a few minutes
@@ -24,10 +26,10 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from kfundus.cli import data, deploy, runs, studies
+from kfundus.cli import data, deploy, foundation, runs, studies, zero_shot
 from kfundus.errors import KfundusError
 
-GROUPS = (runs, deploy, studies, data)
+GROUPS = (runs, deploy, studies, foundation, zero_shot, data)
 
 
 def build_parser() -> argparse.ArgumentParser:

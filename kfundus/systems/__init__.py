@@ -4,7 +4,9 @@ builder, its objective (losses, metrics, targets) and its shipped configs.
 - ``efficientnet``: EfficientNet-B0 transfer learning with Grad-CAM (``efficientnet_b0``);
 - ``clip_lora``: CLIP vision encoder + LoRA, BCE + Shadow loss (``clip_lora``; ``vit``);
 - ``dual_stream``: dual-stream network with weighted label smoothing (``dual_stream``);
-- ``retclip``: RET-CLIP image-report pre-training (``retclip``).
+- ``retclip``: RET-CLIP image-report pre-training (``retclip``);
+- ``retfound``: RETFound, the released MAE ViT-L/16 converted and fine-tuned (``retfound``);
+- ``flair``: FLAIR, the released ResNet-50 + Bio_ClinicalBERT converted: classifier, zero-shot (``flair``).
 
 The fifth, the transfer study (LP / FT / LP-FT from a foundation model vs ImageNet), is a
 workflow over these backbones: ``kfundus.workflows.transfer``.
@@ -18,11 +20,11 @@ from __future__ import annotations
 
 from kfundus.errors import ConfigError
 from kfundus.objectives import default_objective
-from kfundus.systems import clip_lora, dual_stream, efficientnet, retclip
+from kfundus.systems import clip_lora, dual_stream, efficientnet, flair, retclip, retfound
 from kfundus.systems.base import System, check_options
 
 SYSTEMS: dict[str, System] = {
-    s.name: s for package in (efficientnet, clip_lora, dual_stream, retclip) for s in package.SYSTEMS
+    s.name: s for package in (efficientnet, clip_lora, dual_stream, retclip, retfound, flair) for s in package.SYSTEMS
 }
 
 __all__ = ["SYSTEMS", "System", "build_model", "check_options", "get_system", "load_model", "make_objective"]
@@ -69,7 +71,10 @@ def make_objective(config, manifest, train_targets):
 def load_model(path, **kwargs):
     """``keras.saving.load_model`` with every kfundus system's classes registered (importing
     this package registers them: custom layers, losses, metrics, keras-hub encoders). Use it
-    wherever a saved kfundus model is read."""
+    wherever a saved kfundus model is read. Models are read for inference: not compiled
+    unless ``compile=True`` (a model trained with the engine's ``LayerDecayAdamW`` then
+    needs ``kfundus.engine`` imported for its optimizer)."""
     import keras
 
+    kwargs.setdefault("compile", False)
     return keras.saving.load_model(path, **kwargs)

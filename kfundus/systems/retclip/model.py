@@ -34,6 +34,20 @@ Choices where the paper leaves room:
 
 ``embedding_models(model)`` cuts the image and text towers out of a trained model for
 zero-shot classification, retrieval and linear probing (``kfundus.workflows.pretrain``).
+
+The released RET-CLIP checkpoint (``kfundus convert --from retclip``,
+:mod:`kfundus.systems.retclip.convert`) differs from kfundus' own pre-training in two places,
+each an option of :func:`build_retclip` whose default keeps kfundus' model:
+
+- ``vision_projection``: RET-CLIP's visual tower ends in OpenAI-CLIP's ``proj`` (768 -> 512, no
+  bias) after the final layer norm of the class token, so ``f`` is 512-d and ``W_L``, ``W_R``
+  are 512 -> 512, ``W_P`` 1024 -> 512 (default None: no projection, ``f`` is the class token);
+- ``text_pooling: cls``: the text feature is BERT's last hidden state at ``[CLS]`` (position 0),
+  as Chinese-CLIP's ``encode_text`` takes it (default ``end``: the end token).
+
+:func:`build_retclip_classifier` (``model.name: retclip_classifier``) is RET-CLIP's downstream
+classifier: the vision tower of a converted (or kfundus-pretrained) RET-CLIP model up to ``f``,
+both eyes through it, ``concat(f_L, f_R)`` and a dense head, as RET-CLIP's ODIR evaluation.
 """
 
 from __future__ import annotations
@@ -42,8 +56,15 @@ import keras
 import numpy as np
 from keras import ops
 
+from kfundus.convert.bert import ZeroSegments
 from kfundus.errors import ConfigError
-from kfundus.systems.clip_lora.encoders import ENCODER_NAME, input_normalization, load_encoder, token_pooling
+from kfundus.systems.clip_lora.encoders import (
+    ENCODER_NAME,
+    input_normalization,
+    load_encoder,
+    resize_encoder,
+    token_pooling,
+)
 
 BRANCHES = ("left", "right", "patient")
 TEXT_ENCODER_NAME = "text_encoder"
@@ -63,6 +84,20 @@ class EndTokenPooling(keras.layers.Layer):
 
     def compute_output_shape(self, sequence_shape, padding_mask_shape=None):
         return (sequence_shape[0], sequence_shape[2])
+
+
+@keras.saving.register_keras_serializable(package="kfundus")
+class FirstTokenPooling(keras.layers.Layer):
+    """``sequence (B, L, D)`` -> the vector at position 0 (BERT's ``[CLS]``)."""
+
+    def call(self, sequence):
+        return sequence[:, 0, :]
+
+    def compute_output_shape(self, sequence_shape):
+        return (sequence_shape[0], sequence_shape[2])
+
+
+TEXT_POOLING = ("end", "cls")
 
 
 @keras.saving.register_keras_serializable(package="kfundus")
@@ -127,16 +162,19 @@ def load_text_encoder(weights: str | None, text_config: dict | None, vocabulary_
     return getattr(backbone, "text_encoder", backbone)
 
 
-def _text_features(encoder, token_ids, padding_mask):
-    """Run any keras-hub text encoder on (token_ids, padding_mask); the end-token state."""
+def _text_features(encoder, token_ids, padding_mask, pooling: str = "end"):
+    """Run any keras-hub text encoder on (token_ids, padding_mask); the end-token state
+    (``pooling="end"``) or the first token's (``"cls"``)."""
     wanted = set(encoder.input) if isinstance(encoder.input, dict) else {"token_ids"}
     feed = {"token_ids": token_ids}
     if "padding_mask" in wanted:
         feed["padding_mask"] = padding_mask
     if "segment_ids" in wanted:
-        feed["segment_ids"] = keras.layers.Lambda(lambda t: ops.zeros_like(t), name="segment_ids")(token_ids)
+        feed["segment_ids"] = ZeroSegments(name="segment_ids")(token_ids)
     out = encoder(feed)
     sequence = out["sequence_output"] if isinstance(out, dict) else out
+    if pooling == "cls":
+        return FirstTokenPooling(name="cls_token_text")(sequence)
     return EndTokenPooling(name="end_token")(sequence, padding_mask)
 
 
@@ -153,6 +191,8 @@ def build_retclip(
     text_head_dim: int | None = None,
     init_scale: float = 1 / 0.07,
     max_scale: float = 100.0,
+    vision_projection: int | None = None,
+    text_pooling: str = "end",
 ) -> keras.Model:
     """The RET-CLIP training model (see the module docstring).
 
@@ -166,10 +206,18 @@ def build_retclip(
         embed_dim: joint embedding size (512 in RET-CLIP).
         text_head_dim: hidden size of the three text MLP heads (default: the text
             encoder's width, 768 -> 768 in RET-CLIP).
+        init_scale: initial temperature of each branch (CLIP's 1/0.07).
+        max_scale: the clamp of the temperatures (CLIP's 100).
+        vision_projection: size of a bias-free projection of the class token before the
+            image heads (the released RET-CLIP: 512, OpenAI-CLIP's ``proj``); None: none.
+        text_pooling: ``end`` (the end-token state, kfundus' pre-training) or ``cls`` (the
+            ``[CLS]`` state, the released RET-CLIP).
 
     Inputs ``left_image``, ``right_image`` (float32 RGB [0, 255]), ``token_ids`` (int32),
     ``padding_mask`` (bool); outputs ``{"left", "right", "patient"}`` logit matrices.
     """
+    if text_pooling not in TEXT_POOLING:
+        raise ConfigError(f"model.options.text_pooling={text_pooling!r}: use one of {list(TEXT_POOLING)}")
     vision = load_encoder("clip", vision_weights, image_size, vision_config)
     vision.name = ENCODER_NAME
     text = load_text_encoder(text_weights, text_config, vocabulary_size, sequence_length)
@@ -183,6 +231,9 @@ def build_retclip(
     padding_mask = keras.Input((sequence_length,), dtype="bool", name="padding_mask")
 
     f_left, f_right = (pool(vision({"images": normalise(x)})) for x in (left, right))
+    if vision_projection:
+        project = keras.layers.Dense(int(vision_projection), use_bias=False, name="vision_projection")
+        f_left, f_right = project(f_left), project(f_right)
     unit = {}
     for branch, feature in (
         ("left", f_left),
@@ -191,7 +242,7 @@ def build_retclip(
     ):
         z = keras.layers.Dense(embed_dim, use_bias=False, name=f"image_projection_{branch}")(feature)
         unit[f"z_{branch}"] = keras.layers.UnitNormalization(name=f"image_embedding_{branch}")(z)
-    t = _text_features(text, token_ids, padding_mask)
+    t = _text_features(text, token_ids, padding_mask, text_pooling)
     hidden = int(text_head_dim or t.shape[-1])
     for branch in BRANCHES:
         h = keras.layers.Dense(hidden, activation="relu", name=f"text_head_{branch}_hidden")(t)
@@ -241,3 +292,126 @@ def logit_scales(model: keras.Model) -> dict:
     """The current (clamped) temperature of each branch."""
     layer = model.get_layer("logit_scales")
     return dict(zip(BRANCHES, (float(s) for s in ops.convert_to_numpy(layer.scales()))))
+
+
+# ---------------------------------------------------------------------------
+# the downstream classifier
+
+
+RETCLIP_FILE = "retclip.keras"  # the whole model in a converted folder (kfundus convert --from retclip)
+
+
+def load_retclip_model(weights) -> keras.Model:
+    """The whole RET-CLIP model of a converted folder (``retclip.keras``; or ``retclip:/path/file.pt``,
+    converted on first use) or of a finished ``kfundus pretrain`` run (``model.keras``).
+
+    Raises:
+        ConfigError: neither file is there, with the commands that make one.
+    """
+    from pathlib import Path
+
+    from kfundus.convert import resolve_converted
+
+    folder = Path(str(weights)).expanduser()
+    if not (folder / "model.keras").is_file():  # not a pre-training run: a converted folder or retclip:PATH
+        folder = resolve_converted(weights, "retclip")
+    for name in (RETCLIP_FILE, "model.keras"):
+        if (folder / name).is_file():
+            return keras.saving.load_model(folder / name)
+    raise ConfigError(
+        f"model.weights={weights!r}: no RET-CLIP model there ({RETCLIP_FILE} or model.keras); convert the released "
+        "checkpoint (kfundus convert --from retclip CHECKPOINT --out DIR) or pre-train one (kfundus pretrain), "
+        "and set model.weights to that folder"
+    )
+
+
+def _freeze_encoder(encoder, trainable_blocks: int) -> None:
+    """-1: train the whole encoder; 0: freeze it; N: its last N blocks and the final layer norm."""
+    encoder.trainable = trainable_blocks != 0
+    if trainable_blocks <= 0:
+        return
+    for layer in encoder.layers:
+        layer.trainable = False
+    blocks = list(encoder.encoder_layers)
+    for layer in blocks[max(0, len(blocks) - trainable_blocks) :] + [encoder.layer_norm]:
+        layer.trainable = True
+
+
+def build_retclip_classifier(
+    num_outputs: int,
+    *,
+    image_size: int = 224,
+    weights: str | None = None,
+    trainable_blocks: int = -1,
+    dropout: float = 0.0,
+    activation: str = "sigmoid",
+    two_eye: bool = True,
+    bn_momentum: float | None = None,
+    vision_config: dict | None = None,
+    vision_projection: int | None = None,
+) -> keras.Model:
+    """RET-CLIP's downstream classifier (``model.name: retclip_classifier``): the image tower of
+    a RET-CLIP model up to the feature ``f`` (class token after the final layer norm, then the
+    released model's ``proj``), both eyes through the one tower, ``concat(f_L, f_R)``, dropout
+    and a dense head (RET-CLIP's ODIR evaluation: ``Linear(1024, 8)`` and a sigmoid).
+
+    Args:
+        num_outputs: number of labels.
+        image_size: input side (224 in RET-CLIP); another size resizes the position embeddings.
+        weights: a folder ``kfundus convert --from retclip`` wrote, or a ``kfundus pretrain``
+            run folder; None: a random encoder (``vision_config``; tests).
+        trainable_blocks: -1 fine-tunes everything (RET-CLIP), 0 freezes the encoder (a linear
+            probe), N the last N transformer blocks.
+        dropout: dropout before the head (RET-CLIP: none).
+        activation: ``sigmoid`` (multi-label) or ``softmax``.
+        two_eye: inputs ``left_image`` and ``right_image`` (patient level, RET-CLIP's use);
+            False: one input ``image``.
+        bn_momentum: unused (no BatchNorm); must stay None.
+        vision_config: random-encoder sizes (``weights`` None only).
+        vision_projection: a random ``proj`` of this size (``weights`` None only).
+
+    Returns:
+        A Keras model with one float32 output, ``probabilities``.
+    """
+    if bn_momentum is not None:
+        raise ConfigError("model.bn_momentum is for BatchNorm networks; RET-CLIP's ViT has none: leave it null")
+    if weights is None:
+        encoder = load_encoder("clip", None, image_size, vision_config)
+        normalise = input_normalization("clip")
+        project = (
+            keras.layers.Dense(int(vision_projection), use_bias=False, name="vision_projection")
+            if vision_projection
+            else None
+        )
+    else:
+        if vision_config or vision_projection:
+            raise ConfigError(
+                "model.weights names a RET-CLIP model: leave model.options vision_config/vision_projection unset"
+            )
+        source = load_retclip_model(weights)
+        encoder = source.get_layer(ENCODER_NAME)
+        normalise = source.get_layer("clip_normalization")
+        names = {layer.name for layer in source.layers}
+        project = source.get_layer("vision_projection") if "vision_projection" in names else None
+        if int(encoder.image_shape[0]) != int(image_size):
+            encoder = resize_encoder(encoder, "clip", int(image_size))
+    encoder.name = ENCODER_NAME
+    _freeze_encoder(encoder, int(trainable_blocks))
+    pool = token_pooling("cls", int(encoder.output.shape[1]))
+    shape = (image_size, image_size, 3)
+
+    def feature(x):
+        f = pool(encoder({"images": normalise(x)}))
+        return project(f) if project is not None else f
+
+    if two_eye:
+        inputs = [keras.Input(shape, name="left_image"), keras.Input(shape, name="right_image")]
+        x = keras.layers.Concatenate(name="patient_features")([feature(i) for i in inputs])
+    else:
+        inputs = keras.Input(shape, name="image")
+        x = feature(inputs)
+    if dropout:
+        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    logits = keras.layers.Dense(num_outputs, name="logits", dtype="float32")(x)
+    outputs = keras.layers.Activation(activation, name="probabilities", dtype="float32")(logits)
+    return keras.Model(inputs, outputs, name="retclip_classifier")
