@@ -15,6 +15,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kfundus-installed
+# the suite runs on two pytest-xdist workers; every file stays on one worker (its
+# module fixtures are built once). `make test PYTEST_WORKERS=` runs it serially.
+PYTEST_WORKERS ?= -n 2 --dist loadfile
 
 BVENV  ?= .cache/venv-jax
 BPY    := $(BVENV)/bin/python
@@ -49,7 +52,7 @@ docs-serve: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 test: $(STAMP) lint docs
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(PYTEST_WORKERS) tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/pipeline.py
