@@ -14,7 +14,7 @@ def cmd_configs(args) -> int:
     rows = [config_summary(path) for path in shipped_configs().values()]
     width = max(len(r["name"]) for r in rows)
     for r in rows:
-        print(f"{r['name']:<{width}}  kfundus {r['workflow']:<8}  {r['description']}")
+        print(f"{r['name']:<{width}}  kfundus {r['workflow'].replace('_', '-'):<9}  {r['description']}")
     print(
         "\nuse one by name: kfundus train --config odir_efficientnet_b0 --data DIR "
         "(kfundus configs --show NAME prints it)"

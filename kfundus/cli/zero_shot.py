@@ -13,8 +13,9 @@ def cmd_zero_shot(args) -> int:
     config = load_config(args.config, args.overrides)
     if config.workflow not in ("zero_shot", "train"):
         raise ConfigError(
-            f"{args.config} is a config for `kfundus {config.workflow}`; zero-shot reads a zero_shot config "
-            "(e.g. --config flair_zero_shot) or a train config with a zero_shot section (--config retclip_odir)"
+            f"{args.config} is a config for `kfundus {config.workflow.replace('_', '-')}`; zero-shot reads a "
+            "zero_shot config (e.g. --config flair_zero_shot) or a train config with a zero_shot section "
+            "(--config retclip_odir)"
         )
     run_zero_shot(config, args.data, args.out, split=args.split, batch_size=args.batch_size)
     return 0
@@ -23,7 +24,7 @@ def cmd_zero_shot(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "zero-shot",
-        aliases=["zero_shot"],  # the workflow's name, as `kfundus configs` and config errors print it
+        aliases=["zero_shot"],  # the workflow's name in config files
         help="classify a dataset with a converted FLAIR / RET-CLIP model and text prompts, no training",
         description="Zero-shot classification: class prompts through the text encoder, images through the "
         "image encoder, softmax over the scaled similarities; per-class AUROC and accuracy against the labels.",

@@ -345,8 +345,8 @@ def load_config(spec=None, overrides: list[str] | None = None, *, workflow: str 
         raise ConfigError(f"{where}: workflow={declared!r}: use one of {list(WORKFLOWS)}")
     if workflow is not None and declared != workflow:
         raise ConfigError(
-            f"{where} is a config for `kfundus {declared}`, not `kfundus {workflow}`: run "
-            f"kfundus {declared} --config {spec}"
+            f"{where} is a config for `kfundus {declared.replace('_', '-')}`, not `kfundus "
+            f"{workflow.replace('_', '-')}`: run kfundus {declared.replace('_', '-')} --config {spec}"
         )
     data = _merge(WORKFLOW_DEFAULTS[declared], {**data, "workflow": declared})
     set_keys = [item.split("=", 1)[0].strip() for item in overrides or []]
