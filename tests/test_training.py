@@ -47,9 +47,18 @@ def test_unreadable_image_is_named_then_skipped_and_training_resumes(tmp_path, m
     skip = small + ["--set", "data.skip_unreadable=true"]
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(train_args(data, tmp_path, *skip))
+    run = tmp_path / "runs" / "demo_synthetic"
+    # an interrupted run is not a model: evaluate, export and explain refuse it
+    capsys.readouterr()
+    for command in (
+        ["evaluate", "--run", str(run)],
+        ["export", "--run", str(run)],
+        ["explain", "--run", str(run), "--split", "test"],
+    ):
+        assert main(command) == 2, command
+        assert "needs a finished run" in capsys.readouterr().err
     monkeypatch.setattr(engine_fit, "make_callbacks", original)
     assert main(train_args(data, tmp_path, *skip)) == 0
-    run = tmp_path / "runs" / "demo_synthetic"
     # a finished run is not silently mixed with a new one
     assert main(train_args(data, tmp_path, *skip)) == 2
     assert "--overwrite" in capsys.readouterr().err
