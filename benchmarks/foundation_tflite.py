@@ -37,20 +37,13 @@ import tensorflow as tf
 tf.config.threading.set_intra_op_parallelism_threads(1)
 tf.config.threading.set_inter_op_parallelism_threads(1)
 
+from tflite import tflite_call  # noqa: E402  (benchmarks/tflite.py: one image through a file, one thread)
+
 from kfundus.config import ModelConfig  # noqa: E402
 from kfundus.data.synthetic import make_arrays  # noqa: E402
 from kfundus.deploy.saved_model import export_bundle  # noqa: E402
-from kfundus.deploy.tflite import QUANTIZATIONS, TFLITE_FILES, make_interpreter, quantize, run_tflite  # noqa: E402
+from kfundus.deploy.tflite import QUANTIZATIONS, TFLITE_FILES, run_tflite  # noqa: E402
 from kfundus.systems import build_model  # noqa: E402
-
-
-def tflite_call(path: Path, image: np.ndarray):
-    """A zero-argument function running one image through the file on one thread."""
-    interpreter = make_interpreter(path, num_threads=1)
-    runner = interpreter.get_signature_runner("serving_default")
-    name = next(iter(runner.get_input_details()))
-    feed = quantize(image, runner.get_input_details()[name])
-    return lambda: runner(**{name: feed})
 
 
 def sensitive_head(model, seed: int = 0) -> None:

@@ -45,9 +45,9 @@ def tflite_call(path: Path, image: np.ndarray):
     """A zero-argument function running one image through the file on one thread."""
     interpreter = make_interpreter(path, num_threads=1)
     runner = interpreter.get_signature_runner("serving_default")
-    detail = runner.get_input_details()["image"]
-    feed = quantize(image, detail)
-    return lambda: runner(image=feed)
+    name = next(iter(runner.get_input_details()))  # the one image input, whatever its name
+    feed = quantize(image, runner.get_input_details()[name])
+    return lambda: runner(**{name: feed})
 
 
 def efficientnet_lite0(size: int, num_outputs: int):

@@ -53,3 +53,36 @@ def check_options(fn, options: dict, where: str, skip=COMMON_ARGUMENTS) -> None:
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ConfigError(f"{where}: unknown option(s) {unknown}; valid: {valid}")
+
+
+def eye_inputs(image_size: int, two_eye: bool, feature: Callable):
+    """A classifier's image input(s) and their feature: one ``image`` input, or
+    ``left_image`` and ``right_image`` through the same ``feature`` (shared weights), their
+    features concatenated as ``patient_features``. Returns ``(inputs, features)``."""
+    import keras
+
+    shape = (image_size, image_size, 3)
+    if two_eye:
+        inputs = [keras.Input(shape, name="left_image"), keras.Input(shape, name="right_image")]
+        return inputs, keras.layers.Concatenate(name="patient_features")([feature(i) for i in inputs])
+    inputs = keras.Input(shape, name="image")
+    return inputs, feature(inputs)
+
+
+def head_logits(features, num_outputs: int, dropout: float, dense=None):
+    """Dropout (when > 0), then the ``logits`` Dense layer (float32: mixed-precision models
+    keep their outputs float32); ``dense`` replaces the default layer (e.g. another
+    initializer)."""
+    import keras
+
+    if dropout:
+        features = keras.layers.Dropout(dropout, name="head_dropout")(features)
+    dense = dense or keras.layers.Dense(num_outputs, name="logits", dtype="float32")
+    return dense(features)
+
+
+def probability_output(logits, activation: str):
+    """The ``probabilities`` output (float32) of a classifier's logits."""
+    import keras
+
+    return keras.layers.Activation(activation, name="probabilities", dtype="float32")(logits)

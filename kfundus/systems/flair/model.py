@@ -39,6 +39,7 @@ import keras_hub
 from keras import ops
 
 from kfundus.errors import ConfigError, DataError
+from kfundus.systems.base import eye_inputs, head_logits, probability_output
 
 IMAGE_SIZE = 512
 CAPTION = "A fundus photograph of [CLS]"
@@ -300,16 +301,7 @@ def build_flair_classifier(
         for layer in backbone.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = float(bn_momentum)
-    shape = (image_size, image_size, 3)
     feature = flair_feature_fn(backbone, projection)  # the ResNet directly in the model: Grad-CAM reads it
-    if two_eye:
-        inputs = [keras.Input(shape, name="left_image"), keras.Input(shape, name="right_image")]
-        x = keras.layers.Concatenate(name="patient_features")([feature(i) for i in inputs])
-    else:
-        inputs = keras.Input(shape, name="image")
-        x = feature(inputs)
-    if dropout:
-        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    logits = keras.layers.Dense(num_outputs, name="logits", dtype="float32")(x)
-    outputs = keras.layers.Activation(activation, name="probabilities", dtype="float32")(logits)
+    inputs, x = eye_inputs(image_size, two_eye, feature)
+    outputs = probability_output(head_logits(x, num_outputs, dropout), activation)
     return keras.Model(inputs, outputs, name="flair")

@@ -58,6 +58,7 @@ from keras import ops
 
 from kfundus.convert.bert import ZeroSegments
 from kfundus.errors import ConfigError
+from kfundus.systems.base import eye_inputs, head_logits, probability_output
 from kfundus.systems.clip_lora.encoders import (
     ENCODER_NAME,
     input_normalization,
@@ -398,20 +399,11 @@ def build_retclip_classifier(
     encoder.name = ENCODER_NAME
     _freeze_encoder(encoder, int(trainable_blocks))
     pool = token_pooling("cls", int(encoder.output.shape[1]))
-    shape = (image_size, image_size, 3)
 
     def feature(x):
         f = pool(encoder({"images": normalise(x)}))
         return project(f) if project is not None else f
 
-    if two_eye:
-        inputs = [keras.Input(shape, name="left_image"), keras.Input(shape, name="right_image")]
-        x = keras.layers.Concatenate(name="patient_features")([feature(i) for i in inputs])
-    else:
-        inputs = keras.Input(shape, name="image")
-        x = feature(inputs)
-    if dropout:
-        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    logits = keras.layers.Dense(num_outputs, name="logits", dtype="float32")(x)
-    outputs = keras.layers.Activation(activation, name="probabilities", dtype="float32")(logits)
+    inputs, x = eye_inputs(image_size, two_eye, feature)
+    outputs = probability_output(head_logits(x, num_outputs, dropout), activation)
     return keras.Model(inputs, outputs, name="retclip_classifier")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import keras
 
 from kfundus.errors import ConfigError
+from kfundus.systems.base import eye_inputs, head_logits, probability_output
 from kfundus.systems.retfound.convert import IMAGENET_MEAN, IMAGENET_STD, build_parts, load_encoder, load_head
 from kfundus.systems.retfound.vit import LAYER_NORM_EPSILON, POOLINGS, VIT_L16
 
@@ -146,26 +147,18 @@ def build_retfound(
     )
     freeze_blocks(backbone, pool, trainable_blocks)
     normalise = retfound_normalization()
-    shape = (image_size, image_size, 3)
 
     def features(x):
         return pool(backbone(normalise(x)))
 
-    if two_eye:
-        inputs = [keras.Input(shape, name="left_image"), keras.Input(shape, name="right_image")]
-        x = keras.layers.Concatenate(name="patient_features")([features(i) for i in inputs])
-    else:
-        inputs = keras.Input(shape, name="image")
-        x = features(inputs)
-    if dropout:
-        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    dense = keras.layers.Dense(
+    inputs, x = eye_inputs(image_size, two_eye, features)
+    dense = keras.layers.Dense(  # RETFound's new head: truncated normal, std 2e-5
         num_outputs,
         name="logits",
         dtype="float32",
         kernel_initializer=keras.initializers.TruncatedNormal(stddev=2e-5),
     )
-    logits = dense(x)
+    logits = head_logits(x, num_outputs, dropout, dense)
     if head == "checkpoint":
         loaded = load_head(folder) if folder is not None else None
         if loaded is None:
@@ -180,8 +173,7 @@ def build_retfound(
                 f"{num_outputs} output(s){' and two eyes' if two_eye else ''}; use --set model.options.head=new"
             )
         dense.set_weights([kernel, bias])
-    outputs = keras.layers.Activation(activation, name="probabilities", dtype="float32")(logits)
-    return keras.Model(inputs, outputs, name=name)
+    return keras.Model(inputs, probability_output(logits, activation), name=name)
 
 
 def build_retfound_features(
