@@ -11,6 +11,18 @@ import re
 # ---------------------------------------------------------------------------
 # ODIR-5K: 8 patient-level labels, decided from both eyes.
 ODIR_LABELS = ["N", "D", "G", "C", "A", "H", "M", "O"]
+# The official ODIR-5K annotation table's columns (what the reader reads and the synthetic
+# generator writes).
+ODIR_COLUMNS = [
+    "ID",
+    "Patient Age",
+    "Patient Sex",
+    "Left-Fundus",
+    "Right-Fundus",
+    "Left-Diagnostic Keywords",
+    "Right-Diagnostic Keywords",
+    *ODIR_LABELS,
+]
 ODIR_NAMES = {
     "N": "normal",
     "D": "diabetic retinopathy",

@@ -279,6 +279,20 @@ class BertVocabTokenizer(keras_hub.tokenizers.BertTokenizer):
         return {**super().get_config(), "bert_lowercase": self.bert_lowercase}
 
 
+def find_vocabulary(vocab, checkpoint_path: Path, expected: str) -> Path | None:
+    """The ``vocab.txt`` of a text encoder: ``vocab`` (a file, or a folder holding one), else
+    one beside the checkpoint (in its folder), else None. ``expected`` says which file to give
+    when ``vocab`` names none (e.g. ``"Bio_ClinicalBERT's vocab.txt"``)."""
+    if vocab:
+        path = Path(vocab).expanduser()
+        path = path / "vocab.txt" if path.is_dir() else path
+        if not path.is_file():
+            raise ConfigError(f"--set vocab={vocab}: no vocab.txt there; give {expected} or the folder that holds it")
+        return path
+    folder = checkpoint_path if checkpoint_path.is_dir() else checkpoint_path.parent
+    return folder / "vocab.txt" if (folder / "vocab.txt").is_file() else None
+
+
 def bert_tokenizer(vocabulary_file, *, lowercase: bool = True) -> BertVocabTokenizer:
     """A :class:`BertVocabTokenizer` on a checkpoint's ``vocab.txt`` (no download). BERT
     lower-cases unless the checkpoint's ``tokenizer_config.json`` says ``do_lower_case: false``

@@ -29,16 +29,7 @@ from kfundus.data.readers.table import (
 )
 from kfundus.errors import DataError
 
-ODIR_COLUMNS = [
-    "ID",
-    "Patient Age",
-    "Patient Sex",
-    "Left-Fundus",
-    "Right-Fundus",
-    "Left-Diagnostic Keywords",
-    "Right-Diagnostic Keywords",
-    *kl.ODIR_LABELS,
-]
+ODIR_COLUMNS = kl.ODIR_COLUMNS
 _SIDES = ("left", "right")
 
 

@@ -25,18 +25,8 @@ from PIL import Image
 
 from kfundus.data.synthetic.render import DISEASES, eye_seed, render_eye
 from kfundus.errors import DataError
-from kfundus.labels import ODIR_LABELS, RFMID_46, odir_keywords_to_labels, odir_patient_labels
+from kfundus.labels import ODIR_COLUMNS, ODIR_LABELS, RFMID_46, odir_keywords_to_labels, odir_patient_labels
 
-ODIR_COLUMNS = [
-    "ID",
-    "Patient Age",
-    "Patient Sex",
-    "Left-Fundus",
-    "Right-Fundus",
-    "Left-Diagnostic Keywords",
-    "Right-Diagnostic Keywords",
-    *ODIR_LABELS,
-]
 # "N": share of normal patients; a disease: chance that an abnormal patient has it (at
 # least one is always drawn). About 25 of 100 patients have D, 20 G and C, 13 A, H and M.
 DEFAULT_PREVALENCE = {"N": 0.33, "D": 0.35, "G": 0.3, "C": 0.3, "A": 0.2, "H": 0.2, "M": 0.2, "O": 0.15}

@@ -38,7 +38,15 @@ from pathlib import Path
 import numpy as np
 
 from kfundus.convert.base import Converted
-from kfundus.convert.bert import bert_config, bert_keys, bert_tokenizer, build_bert, layer_norm_names, lowercase_of
+from kfundus.convert.bert import (
+    bert_config,
+    bert_keys,
+    bert_tokenizer,
+    build_bert,
+    find_vocabulary,
+    layer_norm_names,
+    lowercase_of,
+)
 from kfundus.convert.checkpoints import as_float32
 from kfundus.convert.keys import check_keys
 from kfundus.errors import ConfigError, DataError
@@ -147,27 +155,6 @@ def load_resnet_weights(backbone, state: dict, layout: dict, prefix: str) -> Non
 
 
 # ---------------------------------------------------------------------------
-# the vocabulary
-
-
-def find_vocabulary(vocab, checkpoint_path: Path) -> Path | None:
-    """The ``vocab.txt`` to use: ``vocab`` (a file, or a folder holding one), else one beside the
-    checkpoint (in its folder), else None."""
-    if vocab:
-        path = Path(vocab).expanduser()
-        if path.is_dir():
-            path = path / "vocab.txt"
-        if not path.is_file():
-            raise ConfigError(
-                f"--set vocab={vocab}: no vocab.txt there; give the vocab.txt of the text encoder "
-                "(Bio_ClinicalBERT for FLAIR) or the folder that holds it"
-            )
-        return path
-    folder = checkpoint_path if checkpoint_path.is_dir() else checkpoint_path.parent
-    return folder / "vocab.txt" if (folder / "vocab.txt").is_file() else None
-
-
-# ---------------------------------------------------------------------------
 # the converter
 
 
@@ -270,7 +257,7 @@ def convert_flair(
         files.append(TEXT_FILE)
         flair_config["text"] = TEXT_FILE
         details["text"] = f"BERT {config['num_layers']} layers, {config['hidden_dim']}-d, {config['num_heads']} heads"
-        vocabulary = find_vocabulary(vocab, Path(path))
+        vocabulary = find_vocabulary(vocab, Path(path), "Bio_ClinicalBERT's vocab.txt (FLAIR's text encoder)")
         if vocabulary is not None:
             from kfundus.text import save_tokenizer
 

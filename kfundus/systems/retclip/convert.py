@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from kfundus.convert.base import Converted
-from kfundus.convert.bert import bert_config, bert_keys, bert_tokenizer, build_bert, layer_norm_names
+from kfundus.convert.bert import bert_config, bert_keys, bert_tokenizer, build_bert, find_vocabulary, layer_norm_names
 from kfundus.convert.checkpoints import as_float32
 from kfundus.convert.keys import check_keys
 from kfundus.errors import ConfigError
@@ -183,20 +183,6 @@ def load_head_weights(model, state: dict) -> None:
     model.get_layer("logit_scales").log_scales.assign(np.asarray(scales, dtype="float32"))
 
 
-def find_vocabulary(vocab, checkpoint_path: Path) -> Path | None:
-    """``vocab`` (a file or a folder holding ``vocab.txt``), else a ``vocab.txt`` beside the checkpoint."""
-    if vocab:
-        path = Path(vocab).expanduser()
-        path = path / "vocab.txt" if path.is_dir() else path
-        if not path.is_file():
-            raise ConfigError(
-                f"--set vocab={vocab}: no vocab.txt there; give RET-CLIP's RET_CLIP/clip/vocab.txt (21128 tokens)"
-            )
-        return path
-    folder = checkpoint_path if checkpoint_path.is_dir() else checkpoint_path.parent
-    return folder / "vocab.txt" if (folder / "vocab.txt").is_file() else None
-
-
 def convert_retclip(
     checkpoint,
     out_dir: Path,
@@ -289,7 +275,7 @@ def convert_retclip(
         "tokenizer": None,
         "language": "Chinese (RoBERTa-wwm-ext-base-chinese vocabulary): prompts in Chinese",
     }
-    vocabulary = find_vocabulary(vocab, Path(path))
+    vocabulary = find_vocabulary(vocab, Path(path), "RET-CLIP's RET_CLIP/clip/vocab.txt (21128 tokens)")
     if vocabulary is not None:
         from kfundus.text import save_tokenizer
 
