@@ -104,9 +104,9 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     if args.full_decode:  # an experiment switch, not a pipeline option: its own cache folder below
-        import kfundus.data.pipeline
+        import kfundus.data.images
 
-        kfundus.data.pipeline.JPEG_RATIOS = (1,)
+        kfundus.data.images.JPEG_RATIOS = (1,)
     if not Path(args.data).exists():
         print(f"{args.data} is absent: this benchmark needs ../shared/data/odir-sample")
         return 2

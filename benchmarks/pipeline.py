@@ -24,8 +24,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pandas as pd
 import tensorflow as tf
 
+from kfundus.data.images import Preprocess
 from kfundus.data.manifest import Manifest
-from kfundus.data.pipeline import Preprocess, decode_threads, make_dataset, prepare
+from kfundus.data.pipeline import decode_threads, make_dataset, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -324,7 +324,7 @@ def corner_bundle(tmp_path_factory):
     it tells an upright picture from a sideways one. Keras and SavedModel formats."""
     import keras
 
-    from kfundus.data.pipeline import Preprocess
+    from kfundus.data.images import Preprocess
     from kfundus.deploy.saved_model import export_bundle
 
     inputs = keras.Input((32, 32, 3), name="image")

@@ -15,7 +15,8 @@ import tensorflow as tf
 from PIL import Image
 
 from kfundus.cli import main
-from kfundus.data.pipeline import Preprocess, make_dataset, prepare
+from kfundus.data.images import Preprocess
+from kfundus.data.pipeline import make_dataset, prepare
 from kfundus.deploy import saved_model as export
 from kfundus.deploy.tflite import TFLITE_FILES, has_flex_ops, run_tflite
 from tests.test_pipeline import fundus_like, manifest_of, write

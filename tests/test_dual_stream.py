@@ -183,7 +183,8 @@ def test_every_head_has_its_validation_threshold_everywhere(tmp_path, capsys):
     from sklearn.metrics import roc_curve
 
     from kfundus.cli import main
-    from kfundus.data.pipeline import Preprocess, prepare
+    from kfundus.data.images import Preprocess
+    from kfundus.data.pipeline import prepare
     from kfundus.evaluation.predict import predict_outputs
     from kfundus.run import RunFolder
     from kfundus.systems import load_model

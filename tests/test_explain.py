@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from kfundus.data.pipeline import Preprocess, preprocess_image
+from kfundus.data.images import Preprocess, preprocess_image
 from kfundus.data.synthetic import make_odir
 from kfundus.errors import ConfigError, DataError
 from kfundus.explain import cam as explain
@@ -394,7 +394,7 @@ def test_caption_probability_is_evaluate_probability_and_localisation_from_the_c
     equal to ``localisation_report`` on the test split, with the counts of held-out
     eyes that have each lesion."""
     from kfundus.cli import main
-    from kfundus.data.pipeline import Preprocess
+    from kfundus.data.images import Preprocess
     from kfundus.evaluation import evaluate_run
 
     run, config = _run_folder(trained["model"], trained["root"], tmp_path)

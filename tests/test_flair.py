@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 
 from kfundus.convert import convert, read_checkpoint
-from kfundus.convert.bert import ExactGeluBertBackbone, bert_tokenizer, build_bert, exact_gelu, hidden_states_model
+from kfundus.convert.bert import (
+    ExactGeluBertBackbone,
+    bert_tokenizer,
+    build_bert,
+    exact_gelu,
+    hidden_states_model,
+    save_vocabulary,
+)
 from kfundus.errors import ConfigError, DataError
 from kfundus.systems.flair import zero_shot as zs
 from kfundus.systems.flair.model import CAPTION, load_flair_text, load_flair_vision, read_flair_config
@@ -114,6 +121,10 @@ def test_bad_vocabularies_are_named(tmp_path):
     (tmp_path / "words.txt").write_text("a\nb\n")
     with pytest.raises(ConfigError, match="not a BERT vocabulary"):
         bert_tokenizer(tmp_path / "words.txt")
+    # a real vocabulary of another size than the checkpoint's text encoder: named, nothing saved
+    with pytest.raises(ConfigError, match=r"flair_vocab.txt has \d+ tokens, the text encoder of x.pth 99: give"):
+        save_vocabulary(VOCAB, tmp_path / "tok", lowercase=True, vocabulary_size=99, checkpoint="x.pth", expected="X")
+    assert not (tmp_path / "tok").exists()
 
 
 # ---------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from kfundus.config import load_config
-from kfundus.data.pipeline import Preprocess, make_dataset, prepare
+from kfundus.data.images import Preprocess
+from kfundus.data.pipeline import make_dataset, prepare
 from kfundus.data.readers import load_source
 from kfundus.data.synthetic.oct import make_oct, render_bscan
 from kfundus.deploy.saved_model import export_bundle, run_saved_model

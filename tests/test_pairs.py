@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from kfundus.data import pairs
+from kfundus.data.images import Preprocess, preprocess_image
 from kfundus.data.manifest import Manifest
-from kfundus.data.pipeline import Preprocess, prepare, preprocess_image
+from kfundus.data.pipeline import prepare
 from kfundus.data.readers import pairs as readers
 from kfundus.errors import ConfigError, DataError
 from kfundus.text import TextPacker, make_tokenizer, save_tokenizer

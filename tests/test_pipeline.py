@@ -7,8 +7,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from kfundus.data.images import Preprocess, decode, preprocess_image
 from kfundus.data.manifest import Manifest
-from kfundus.data.pipeline import Augment, Preprocess, decode, make_dataset, prepare, preprocess_image
+from kfundus.data.pipeline import Augment, make_dataset, prepare
 from kfundus.errors import DataError
 
 
@@ -213,7 +214,7 @@ def test_real_full_resolution_fundus(idrid_grading, tmp_path):
 def test_mask_follows_the_image_geometry(tmp_path):
     """A lesion mask drawn on the original frame lands on the same pixels as the lesion
     after crop, pad and resize (what Grad-CAM localisation is measured against)."""
-    from kfundus.data.pipeline import preprocess_mask
+    from kfundus.data.images import preprocess_mask
 
     image = fundus_like(300, 500, 150)
     lesion = np.zeros((300, 500), bool)
@@ -321,7 +322,7 @@ def test_exif_orientation_survives_the_reduced_decode_and_prepare(tmp_path):
 
 
 def test_jpeg_without_exif_or_with_broken_exif_is_unchanged(tmp_path):
-    from kfundus.data.pipeline import exif_orientation
+    from kfundus.data.images import exif_orientation
 
     array = asymmetric()
     plain = write(tmp_path / "plain.jpg", array, quality=95)

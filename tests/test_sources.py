@@ -16,13 +16,13 @@ from kfundus.errors import ConfigError, DataError
 from tests.conftest import shared_dataset
 
 
-def _image(path, size=8):
+def write_image(path, size=8):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (size, size), (120, 40, 20)).save(path)
     return path
 
 
-def _csv(path, header, rows):
+def write_csv(path, header, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [",".join(header)] + [",".join(str(v) for v in row) for row in rows]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -47,8 +47,8 @@ def _odir(tmp_path, rows=ODIR_ROWS, images=True, name="annotation.csv", header=N
     if images:
         for row in rows:
             for side in ("left", "right"):
-                _image(tmp_path / "images" / f"{row[0]}_{side}.jpg")
-    return _csv(tmp_path / name, header, table)
+                write_image(tmp_path / "images" / f"{row[0]}_{side}.jpg")
+    return write_csv(tmp_path / name, header, table)
 
 
 def test_read_odir_eye_rows_get_per_eye_keyword_labels(tmp_path):
@@ -103,7 +103,7 @@ def test_read_odir_strips_header_spaces_and_finds_training_images(tmp_path):
     path = _odir(tmp_path, ODIR_ROWS[:2], images=False, header=header)
     for i in (1, 2):
         for side in ("left", "right"):
-            _image(tmp_path / "Training Images" / f"{i}_{side}.jpg")
+            write_image(tmp_path / "Training Images" / f"{i}_{side}.jpg")
     m = sources.read_odir(path)
     assert "Training Images" in m.frame["image"].iloc[0]
 
@@ -212,15 +212,15 @@ def test_read_odir_kaggle_uses_the_eye_keywords_not_target(tmp_path):
             '"[0, 0, 0, 1, 0, 0, 0, 0]"',
         ),
     ]
-    path = _csv(tmp_path / "full_df.csv", header, rows)
+    path = write_csv(tmp_path / "full_df.csv", header, rows)
     for name in ("0_left.jpg", "0_right.jpg"):
-        _image(tmp_path / "preprocessed_images" / name)
+        write_image(tmp_path / "preprocessed_images" / name)
     m = sources.read_odir_kaggle(path)
     f = m.frame.set_index("eye")
     assert f.loc["left", "C"] == 1 and f.loc["left", "N"] == 0
     assert f.loc["right", "N"] == 1 and f.loc["right", "C"] == 0 and f.loc["right", "patient_C"] == 1
     assert "preprocessed_images" in f.loc["left", "image"]
-    bad = _csv(tmp_path / "bad.csv", header, [("0.jpg",) + rows[0][1:]])
+    bad = write_csv(tmp_path / "bad.csv", header, [("0.jpg",) + rows[0][1:]])
     with pytest.raises(DataError, match=r"row 2 of .*bad.csv.*'0.jpg'"):
         sources.read_odir_kaggle(bad, tmp_path)
 
@@ -250,8 +250,8 @@ def _rfmid(folder, split, rows):
     names = {"Training": "Training", "Validation": "Validation", "Testing": "Test"}
     table = [(i, *[int(c in pos) for c in kl.RFMID_46]) for i, pos in rows]
     for i, _ in rows:
-        _image(folder / names[split] / f"{i}.png")
-    return _csv(folder / f"RFMiD_{split}_Labels.csv", ["ID", *kl.RFMID_46], table)
+        write_image(folder / names[split] / f"{i}.png")
+    return write_csv(folder / f"RFMiD_{split}_Labels.csv", ["ID", *kl.RFMID_46], table)
 
 
 def test_read_rfmid_views_split_and_image_dir(tmp_path):
@@ -299,8 +299,8 @@ def test_read_rfmid_missing_label_column(tmp_path):
 def test_read_dr_grades_aptos(tmp_path):
     rows = [("a1", 0), ("b2", 3), ("c3", 4)]
     for name, _ in rows:
-        _image(tmp_path / "train_images" / f"{name}.png")
-    m = sources.read_dr_grades(_csv(tmp_path / "train.csv", ["id_code", "diagnosis"], rows))
+        write_image(tmp_path / "train_images" / f"{name}.png")
+    m = sources.read_dr_grades(write_csv(tmp_path / "train.csv", ["id_code", "diagnosis"], rows))
     assert m.name == "aptos" and m.task == "multiclass" and m.labels == kl.DR_GRADES
     assert m.frame["grade"].tolist() == [0, 3, 4]
     np.testing.assert_array_equal(m.targets().argmax(1), [0, 3, 4])
@@ -311,20 +311,20 @@ def test_read_dr_grades_aptos(tmp_path):
 def test_read_dr_grades_eyepacs_layout_and_bad_grade(tmp_path):
     rows = [("7_left", 0), ("7_right", 2), ("9_left", 1)]
     for name, _ in rows:
-        _image(tmp_path / "train" / f"{name}.jpeg")
-    path = _csv(tmp_path / "trainLabels.csv", ["image", "level"], rows)
+        write_image(tmp_path / "train" / f"{name}.jpeg")
+    path = write_csv(tmp_path / "trainLabels.csv", ["image", "level"], rows)
     m = sources.read_dr_grades(path)
     assert m.name == "eyepacs"
     assert m.frame["patient_id"].tolist() == ["7", "7", "9"]
     assert m.frame["eye"].tolist() == ["left", "right", "left"]
-    _csv(path, ["image", "level"], rows + [("9_right", 5)])
-    _image(tmp_path / "train" / "9_right.jpeg")
+    write_csv(path, ["image", "level"], rows + [("9_right", 5)])
+    write_image(tmp_path / "train" / "9_right.jpeg")
     with pytest.raises(DataError, match=r"row 5 of .*trainLabels.csv, column 'level'.*'5'"):
         sources.read_dr_grades(path)
 
 
 def test_read_dr_grades_unknown_header(tmp_path):
-    path = _csv(tmp_path / "x.csv", ["file", "grade"], [("a", 1)])
+    path = write_csv(tmp_path / "x.csv", ["file", "grade"], [("a", 1)])
     with pytest.raises(DataError, match=r"x.csv.*\['file', 'grade'\].*id_code"):
         sources.read_dr_grades(path)
     with pytest.raises(ConfigError, match="aptos"):
@@ -357,7 +357,7 @@ def _kermany(root, counts, split_names=("train", "test")):
         for label, n in counts.items():
             (root / split / label).mkdir(parents=True, exist_ok=True)
             for k in range(n):
-                _image(root / split / label / f"{label}-{100 + k}-{k}.jpeg")
+                write_image(root / split / label / f"{label}-{100 + k}-{k}.jpeg")
 
 
 def test_read_class_folders_kermany_layout(tmp_path):
@@ -382,8 +382,8 @@ def test_read_class_folders_empty_class_is_an_error(tmp_path):
 
 
 def test_read_class_folders_flat_layout_and_patient_pattern(tmp_path):
-    _image(tmp_path / "healthy" / "p01_scan3.png")
-    _image(tmp_path / "sick" / "p02_scan1.png")
+    write_image(tmp_path / "healthy" / "p01_scan3.png")
+    write_image(tmp_path / "sick" / "p02_scan1.png")
     m = sources.read_class_folders(tmp_path)
     assert "split" not in m.frame.columns and m.labels == ["healthy", "sick"]
     assert m.frame["patient_id"].tolist() == ["p01_scan3", "p02_scan1"]
@@ -401,8 +401,8 @@ def test_read_class_folders_flat_layout_and_patient_pattern(tmp_path):
 
 def test_read_csv_plain_table(tmp_path):
     for name in ("a.png", "b.png", "sub/c.png"):
-        _image(tmp_path / "imgs" / name)
-    path = _csv(
+        write_image(tmp_path / "imgs" / name)
+    path = write_csv(
         tmp_path / "labels.csv",
         ["image", "patient_id", "split", "x", "y"],
         [("a.png", "p1", "training", 1, 0), ("b.png", "p1", "training", 0, 1), ("sub/c.png", "p2", "Test", 1, 1)],
@@ -420,14 +420,14 @@ def test_read_csv_plain_table(tmp_path):
 
 
 def test_read_csv_bad_values(tmp_path):
-    _image(tmp_path / "a.png")
-    path = _csv(tmp_path / "t.csv", ["image", "split", "x"], [("a.png", "holdout", 1)])
+    write_image(tmp_path / "a.png")
+    path = write_csv(tmp_path / "t.csv", ["image", "split", "x"], [("a.png", "holdout", 1)])
     with pytest.raises(DataError, match=r"row 2 of .*t.csv, column 'split': 'holdout'"):
         sources.read_csv(path)
-    path = _csv(tmp_path / "t.csv", ["image", "x"], [("a.png", "yes")])
+    path = write_csv(tmp_path / "t.csv", ["image", "x"], [("a.png", "yes")])
     with pytest.raises(DataError, match=r"row 2 of .*t.csv, column 'x'.*'yes'"):
         sources.read_csv(path)
-    path = _csv(tmp_path / "t.csv", ["file", "x"], [("a.png", 1)])
+    path = write_csv(tmp_path / "t.csv", ["file", "x"], [("a.png", 1)])
     with pytest.raises(DataError, match=r"\['image'\].*\['file', 'x'\]"):
         sources.read_csv(path)
 
@@ -556,96 +556,3 @@ def test_real_odir_sample_has_no_unknown_keyword(odir_sample):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert len(sources.read_odir(odir_sample / "annotation.csv", unknown_keywords="error")) == 950
-
-
-# ------------------------------------------------------------ patient identity
-
-
-def _two_eye_table(tmp_path, header, n=30, name="labels.csv", image=lambda i, s: f"{i}_{s}.png", patient=str):
-    rows = []
-    for i in range(n):
-        for side in ("left", "right"):
-            _image(tmp_path / image(i, side))
-            rows.append((image(i, side), patient(i), int(i % 2 == 0), int(i % 3 == 0)))
-    return _csv(tmp_path / name, header, rows)
-
-
-@pytest.mark.parametrize("column", ["Patient ID", "PatientID", "patient", "subject_id", "case_id", "patient_no"])
-def test_csv_patient_column_with_another_name_keeps_a_patients_eyes_together(tmp_path, column):
-    path = _two_eye_table(tmp_path, ["image", column, "x", "y"], image=lambda i, s: f"img{i}{s[0]}.png")
-    m = sources.read_csv(path)
-    assert m.labels == ["x", "y"] and m.frame["patient_id"].nunique() == 30
-    from kfundus.data.splits import split_patients
-
-    for seed in range(3):
-        check_patient_disjoint(split_patients(m, val=0.2, test=0.2, seed=seed))
-
-
-def test_csv_patient_column_declared_by_option_or_the_error_says_how(tmp_path):
-    path = _two_eye_table(tmp_path, ["image", "person", "x", "y"], image=lambda i, s: f"img{i}{s[0]}.png")
-    m = sources.load_source("csv", path, patient_column="person", label_columns=["x", "y"])
-    assert m.frame["patient_id"].nunique() == 30
-    with pytest.raises(DataError, match=r"no patient column 'persn'.*--set data.options.patient_column=NAME"):
-        sources.read_csv(path, patient_column="persn", label_columns=["x", "y"])
-    # no column, names that do not say the eye: each image its own patient, with a warning
-    with pytest.warns(UserWarning, match=r"every image is taken as its own patient.*--set data.options.patient_column"):
-        alone = sources.read_csv(path, label_columns=["x", "y"])
-    assert alone.frame["patient_id"].nunique() == 60
-    # naming the image column declares one image per patient: no warning
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert (
-            sources.read_csv(path, patient_column="image", label_columns=["x", "y"]).frame["patient_id"].nunique() == 60
-        )
-
-
-@pytest.mark.parametrize(
-    "naming",
-    [
-        lambda i, s: f"{i}_{s}.png",
-        lambda i, s: f"{i}_{s[0].upper()}.png",
-        lambda i, s: f"{i}-{'OS' if s == 'left' else 'OD'}.jpg",
-    ],
-)
-def test_csv_without_patient_column_takes_patient_and_eye_from_eye_names(tmp_path, naming):
-    path = _two_eye_table(tmp_path, ["image", "label_a", "x", "y"], image=naming)  # label_a: a 4th column
-    with pytest.warns(UserWarning, match=r"patient id and the eye were taken from the image names"):
-        m = sources.read_csv(path, label_columns=["x", "y"])
-    assert m.frame["patient_id"].tolist() == [str(i) for i in range(30) for _ in range(2)]
-    assert m.frame["eye"].tolist() == ["left", "right"] * 30
-    from kfundus.data.splits import split_patients, to_patients
-
-    check_patient_disjoint(split_patients(m, val=0.2, test=0.2, seed=1))
-    assert len(to_patients(m)) == 30
-
-
-def test_csv_with_some_eye_names_and_no_patient_column_stops(tmp_path):
-    rows = [("7_left.png", 1), ("7_right.png", 0), ("scan_b.png", 1), ("scan_c.png", 0)]
-    for name, _ in rows:
-        _image(tmp_path / name)
-    path = _csv(tmp_path / "t.csv", ["image", "y"], rows)
-    with pytest.raises(
-        DataError, match=r"(?s)no patient column.*'7_left.png', '7_right.png'.*--set data.options.patient_column"
-    ):
-        sources.read_csv(path)
-
-
-def test_readers_of_sources_without_patient_ids_find_a_patient_column(tmp_path):
-    # CGI-HRDC: one image per patient, quietly; a table that has patient ids is read with them
-    rows = [(f"{i}{s}.png", f"P{i}", i % 2) for i in range(6) for s in "ab"]
-    for name, _, _ in rows:
-        _image(tmp_path / "images" / name)
-    path = _csv(tmp_path / "labels.csv", ["Image", "Patient_ID", "Hypertensive"], rows)
-    m = sources.read_hrdc(path)
-    assert m.frame["patient_id"].tolist() == [f"P{i}" for i in range(6) for _ in "ab"]
-    # APTOS layout with a patient column
-    aptos = [(f"img{i}{s}", f"p{i}", i % 5) for i in range(5) for s in "ab"]
-    for name, _, _ in aptos:
-        _image(tmp_path / "train_images" / f"{name}.png")
-    path = _csv(tmp_path / "train.csv", ["id_code", "diagnosis", "subject"], [(a, c, b) for a, b, c in aptos])
-    m = sources.read_dr_grades(path)
-    assert m.frame["patient_id"].nunique() == 5
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # APTOS, IDRiD, RFMiD, CGI-HRDC: one image per patient, documented
-        alone = _csv(tmp_path / "train2.csv", ["id_code", "diagnosis"], [(a, c) for a, _, c in aptos])
-        assert sources.read_dr_grades(alone, tmp_path / "train_images").frame["patient_id"].nunique() == 10

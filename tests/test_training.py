@@ -140,7 +140,8 @@ def test_checkpoint_option_picks_best_or_last_epoch(tmp_path, monkeypatch, check
     options keeps the suite short): model.keras must then be the exponential moving average
     of the raw weights after each step, recomputed here in numpy, and validation must have
     scored those averaged weights (the history check above)."""
-    from kfundus.data.pipeline import Preprocess, make_dataset, prepare
+    from kfundus.data.images import Preprocess
+    from kfundus.data.pipeline import make_dataset, prepare
     from kfundus.data.readers import load_dataset
 
     make_callbacks = engine_fit.make_callbacks

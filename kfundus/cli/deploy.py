@@ -14,7 +14,7 @@ from kfundus.errors import ConfigError
 def _explain_setup(args):
     """(model, labels, preprocess, thresholds, run) from --run and/or --model; a multi-task
     model is reduced to its primary head (the run's labels)."""
-    from kfundus.data.pipeline import Preprocess
+    from kfundus.data.images import Preprocess
     from kfundus.run import RunFolder
     from kfundus.systems import load_model
     from kfundus.systems.dual_stream.objective import primary_model

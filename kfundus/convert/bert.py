@@ -293,6 +293,28 @@ def find_vocabulary(vocab, checkpoint_path: Path, expected: str) -> Path | None:
     return folder / "vocab.txt" if (folder / "vocab.txt").is_file() else None
 
 
+def save_vocabulary(
+    vocabulary: Path, folder: Path, *, lowercase: bool, vocabulary_size: int, checkpoint, expected: str
+):
+    """The tokenizer of ``vocabulary`` (a BERT ``vocab.txt``), checked against the text
+    encoder's ``vocabulary_size`` and saved as a keras-hub preset folder ``folder`` with the
+    ``vocab.txt`` beside it (what ``kfundus.text.make_tokenizer(folder)`` reloads).
+    ``checkpoint`` and ``expected`` (the file to give instead) name the mismatch."""
+    import shutil
+
+    from kfundus.text import save_tokenizer
+
+    tokenizer = bert_tokenizer(vocabulary, lowercase=lowercase)
+    if int(tokenizer.vocabulary_size()) != vocabulary_size:
+        raise ConfigError(
+            f"{vocabulary} has {tokenizer.vocabulary_size()} tokens, the text encoder of {checkpoint} "
+            f"{vocabulary_size}: give {expected}"
+        )
+    save_tokenizer(tokenizer, folder)
+    shutil.copyfile(vocabulary, Path(folder) / "vocab.txt")
+    return tokenizer
+
+
 def bert_tokenizer(vocabulary_file, *, lowercase: bool = True) -> BertVocabTokenizer:
     """A :class:`BertVocabTokenizer` on a checkpoint's ``vocab.txt`` (no download). BERT
     lower-cases unless the checkpoint's ``tokenizer_config.json`` says ``do_lower_case: false``

@@ -73,7 +73,8 @@ def headline(metrics: dict) -> dict:
 def _split(config, run: RunFolder, data_path, split: str):
     """The run's ``split``, from its ``splits.csv``, prepared (cached), or None with the
     reason. ``data_path``: the dataset's new place, when it moved since training."""
-    from kfundus.data.pipeline import Preprocess, prepare
+    from kfundus.data.images import Preprocess
+    from kfundus.data.pipeline import prepare
 
     try:
         manifest = run.split_manifest(split, data_root=data_path)
@@ -160,7 +161,7 @@ def export_run(run_dir, out_dir=None, *, data_path=None) -> Path:
     its card. Everything comes from the run folder; ``data_path`` is the dataset's folder
     when it moved since training (int8 calibration and accuracy per format read images)."""
     from kfundus import __version__
-    from kfundus.data.pipeline import Preprocess
+    from kfundus.data.images import Preprocess
 
     run = RunFolder(run_dir).require_finished("export")
     config = run.read_config()

@@ -196,7 +196,7 @@ class _Preprocessor:
     def __init__(self, preprocess):
         import tensorflow as tf
 
-        from kfundus.data.pipeline import encoded_image_problem, preprocess_image
+        from kfundus.data.images import encoded_image_problem, preprocess_image
 
         spec = [tf.TensorSpec((), tf.string)]
         self._problem = tf.function(encoded_image_problem, input_signature=spec)
@@ -284,7 +284,7 @@ def predict_images(
     """
     from tqdm.auto import tqdm
 
-    from kfundus.data.pipeline import Preprocess
+    from kfundus.data.images import Preprocess
     from kfundus.deploy.bundle import read_card
 
     if backend not in BACKENDS:

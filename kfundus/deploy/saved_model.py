@@ -20,7 +20,7 @@ SavedModel signatures (TensorFlow Serving):
 - ``serving_default``: encoded images (JPEG/PNG/BMP/GIF bytes, a batch of strings) per
   model input, named ``<input>_bytes`` (``image_bytes``, or ``left_image_bytes`` and
   ``right_image_bytes``). Inside the graph they go through the training pipeline's own
-  ``kfundus.data.pipeline.preprocess_image`` (DCT-reduced decode, fundus crop, pad,
+  ``kfundus.data.images.preprocess_image`` (DCT-reduced decode, fundus crop, pad,
   resize) and the same rounding to 8 bits the training cache applies, so a served file
   meets the model exactly as in training. Returns every named model output and the
   label names (``labels``, or ``labels_<output>`` for multi-task models), one row per image.
@@ -28,7 +28,7 @@ SavedModel signatures (TensorFlow Serving):
   (empty, no JPEG/PNG/GIF/BMP magic bytes, a JPEG without its end-of-image marker, a PNG
   without ``IEND``) fail the request with ``InvalidArgumentError`` naming the element,
   ``image_bytes[3]: truncated JPEG (no end-of-image marker)``
-  (``kfundus.data.pipeline.encoded_image_problem``); data corrupt inside a whole file fails
+  (``kfundus.data.images.encoded_image_problem``); data corrupt inside a whole file fails
   with the decoder's own message (TensorFlow cannot skip one item of a batch); ``kfundus
   predict`` finds and reports such files instead.
 - ``serving_preprocessed``: float32 images in [0, 255] (already cropped and resized), by
@@ -204,7 +204,7 @@ def _label_outputs(labels, out_names) -> dict[str, list[str]]:
 def _bytes_serving_fn(model, preprocess, labels=None):
     """``fn({"<input>_bytes": string batch}) -> outputs + label names``: the training
     pipeline's preprocessing inside the graph (see the module docstring)."""
-    from kfundus.data.pipeline import encoded_image_problem, preprocess_image
+    from kfundus.data.images import encoded_image_problem, preprocess_image
 
     in_names, out_names = io_names(model)
     tensor_fn = _serving_fn(model)
@@ -249,13 +249,13 @@ def export_saved_model(model, path, *, preprocess=None, labels=None) -> Path:
     Args:
         model: a built functional Keras model (float32; see ``float32_model``).
         path: the SavedModel folder to write (replaced if it exists).
-        preprocess: the ``kfundus.data.pipeline.Preprocess`` the model was trained with,
+        preprocess: the ``kfundus.data.images.Preprocess`` the model was trained with,
             used by the bytes signature. None: ``Preprocess(image_size=<input side>)``
             (fundus crop on). Its image size must equal the model's input side.
         labels: label names returned by the bytes signature (a list, or
             ``{output: [names]}``); None: no label output.
     """
-    from kfundus.data.pipeline import Preprocess
+    from kfundus.data.images import Preprocess
 
     path = Path(path)
     shutil.rmtree(path, ignore_errors=True)

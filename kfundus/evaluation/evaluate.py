@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kfundus.data.images import Preprocess
 from kfundus.data.manifest import Manifest
-from kfundus.data.pipeline import Preprocess, prepare
+from kfundus.data.pipeline import prepare
 from kfundus.errors import ConfigError, DataError
 from kfundus.labels import DR_GRADES, ODIR_LABELS
 from kfundus.run import RunFolder, check_data_labels, now

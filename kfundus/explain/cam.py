@@ -448,7 +448,7 @@ def _panel(image, cam, caption: str, alpha: float, min_side: int = 256):
 
 @functools.lru_cache(maxsize=8)
 def _compiled_preprocess(config):
-    from kfundus.data.pipeline import preprocess_image
+    from kfundus.data.images import preprocess_image
 
     # rounded to 8 bits: the training cache stores uint8 and serving rounds the same way
     return tf.function(lambda contents: tf.round(preprocess_image(contents, config)))

@@ -159,7 +159,7 @@ def localisation_report(
     """
     from tqdm.auto import tqdm
 
-    from kfundus.data.pipeline import preprocess_mask
+    from kfundus.data.images import preprocess_mask
     from kfundus.data.synthetic import load_masks
 
     labels, dataset_dir = list(labels), Path(dataset_dir)

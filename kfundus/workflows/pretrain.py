@@ -53,7 +53,8 @@ def load_pairs_dataset(config: Config, data_path=None):
 
 
 def prepare_pairs(config: Config, manifest):
-    from kfundus.data.pipeline import Preprocess, prepare
+    from kfundus.data.images import Preprocess
+    from kfundus.data.pipeline import prepare
 
     return prepare(
         manifest,

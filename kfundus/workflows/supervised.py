@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 
 from kfundus.config import Config, replace
+from kfundus.data.images import Preprocess
 from kfundus.data.manifest import Manifest
-from kfundus.data.pipeline import Preprocess, make_dataset, prepare
+from kfundus.data.pipeline import make_dataset, prepare
 from kfundus.errors import DataError
 from kfundus.run import CURVES, HISTORY, SAMPLES, RunFolder, now
 

@@ -51,8 +51,9 @@ import pandas as pd
 from kfundus.config import BackboneSpec, Config, LinearProbeConfig, TrainConfig, replace, save_config
 from kfundus.config.schema import BACKBONE_FAMILIES, backbone_family
 from kfundus.data.cache import default_cache_dir
+from kfundus.data.images import Preprocess
 from kfundus.data.manifest import Manifest
-from kfundus.data.pipeline import Preprocess, augmenter, cache_key
+from kfundus.data.pipeline import augmenter, cache_key
 from kfundus.errors import ConfigError, DataError
 from kfundus.objectives import MacroAUROC, Objective, balanced_class_weight
 

@@ -86,7 +86,8 @@ def load_rows(config: Config, data_path=None, split: str = "all"):
 
 def image_batches(config: Config, manifest, batch_size: int):
     """Decoded image batches in manifest order, and the rows kept: ``(manifest, iterator)``."""
-    from kfundus.data.pipeline import Preprocess, make_dataset, prepare
+    from kfundus.data.images import Preprocess
+    from kfundus.data.pipeline import make_dataset, prepare
 
     prepared = prepare(
         manifest,

@@ -274,13 +274,6 @@ EYE_NAME = re.compile(r"^(?P<patient>.+?)[ _-](?P<eye>left|right|l|r|od|os)$", r
 EYES = {"left": "left", "l": "left", "os": "left", "right": "right", "r": "right", "od": "right"}
 
 
-def _one_per_patient(image_column, prefix: str) -> str:
-    """The fix that declares one image per patient (the image column as patient column)."""
-    if not image_column:
-        return ""
-    return f"{prefix}{option_hint('patient_column', image_column)} if every image is another patient"
-
-
 def _column_key(name: str) -> str:
     return re.sub(r"[^0-9a-z]", "", str(name).lower())
 

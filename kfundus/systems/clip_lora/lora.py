@@ -254,11 +254,6 @@ def save_adapters(model: keras.Model, path, metadata: dict | None = None) -> Pat
     return path
 
 
-def read_adapter_metadata(path) -> dict:
-    with np.load(path) as data:
-        return json.loads(str(data["__meta__"]))
-
-
 def load_adapters(model: keras.Model, path) -> dict:
     """Load an adapter file into ``model`` (built with the same encoder, LoRA rank / alpha /
     targets and head). Every trainable weight must be in the file with its shape, and the

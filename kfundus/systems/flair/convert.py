@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +40,15 @@ from kfundus.convert.base import Converted
 from kfundus.convert.bert import (
     bert_config,
     bert_keys,
-    bert_tokenizer,
     build_bert,
     find_vocabulary,
     layer_norm_names,
     lowercase_of,
+    save_vocabulary,
 )
 from kfundus.convert.checkpoints import as_float32
 from kfundus.convert.keys import check_keys
-from kfundus.errors import ConfigError, DataError
+from kfundus.errors import DataError
 from kfundus.systems.flair.model import (
     CAPTION,
     CONFIG_FILE,
@@ -259,17 +258,15 @@ def convert_flair(
         details["text"] = f"BERT {config['num_layers']} layers, {config['hidden_dim']}-d, {config['num_heads']} heads"
         vocabulary = find_vocabulary(vocab, Path(path), "Bio_ClinicalBERT's vocab.txt (FLAIR's text encoder)")
         if vocabulary is not None:
-            from kfundus.text import save_tokenizer
-
             lower = lowercase_of(vocabulary.parent) if lowercase is None else bool(lowercase)
-            tokenizer = bert_tokenizer(vocabulary, lowercase=lower)
-            if int(tokenizer.vocabulary_size()) != config["vocabulary_size"]:
-                raise ConfigError(
-                    f"{vocabulary} has {tokenizer.vocabulary_size()} tokens, the text encoder of {path} "
-                    f"{config['vocabulary_size']}: give the vocab.txt it was trained with (Bio_ClinicalBERT's)"
-                )
-            save_tokenizer(tokenizer, out_dir / TOKENIZER_DIR)
-            shutil.copyfile(vocabulary, out_dir / TOKENIZER_DIR / "vocab.txt")
+            save_vocabulary(
+                vocabulary,
+                out_dir / TOKENIZER_DIR,
+                lowercase=lower,
+                vocabulary_size=config["vocabulary_size"],
+                checkpoint=path,
+                expected="the vocab.txt it was trained with (Bio_ClinicalBERT's)",
+            )
             files.append(f"{TOKENIZER_DIR}/")
             flair_config["tokenizer"] = TOKENIZER_DIR
             details["tokenizer"] = f"{vocabulary} ({'lower-cased' if lower else 'cased'})"

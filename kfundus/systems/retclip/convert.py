@@ -39,17 +39,22 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from kfundus.convert.base import Converted
-from kfundus.convert.bert import bert_config, bert_keys, bert_tokenizer, build_bert, find_vocabulary, layer_norm_names
+from kfundus.convert.bert import (
+    bert_config,
+    bert_keys,
+    build_bert,
+    find_vocabulary,
+    layer_norm_names,
+    save_vocabulary,
+)
 from kfundus.convert.checkpoints import as_float32
 from kfundus.convert.keys import check_keys
-from kfundus.errors import ConfigError
 from kfundus.systems.retclip.model import BRANCHES, RETCLIP_FILE, build_retclip
 
 MODEL = "RET-CLIP (ViT-B/16 + Chinese RoBERTa)"
@@ -277,16 +282,14 @@ def convert_retclip(
     }
     vocabulary = find_vocabulary(vocab, Path(path), "RET-CLIP's RET_CLIP/clip/vocab.txt (21128 tokens)")
     if vocabulary is not None:
-        from kfundus.text import save_tokenizer
-
-        tokenizer = bert_tokenizer(vocabulary, lowercase=True)
-        if int(tokenizer.vocabulary_size()) != text["vocabulary_size"]:
-            raise ConfigError(
-                f"{vocabulary} has {tokenizer.vocabulary_size()} tokens, the text encoder of {path} "
-                f"{text['vocabulary_size']}: give RET-CLIP's own RET_CLIP/clip/vocab.txt"
-            )
-        save_tokenizer(tokenizer, out_dir / TOKENIZER_DIR)
-        shutil.copyfile(vocabulary, out_dir / TOKENIZER_DIR / "vocab.txt")
+        save_vocabulary(
+            vocabulary,
+            out_dir / TOKENIZER_DIR,
+            lowercase=True,
+            vocabulary_size=text["vocabulary_size"],
+            checkpoint=path,
+            expected="RET-CLIP's own RET_CLIP/clip/vocab.txt",
+        )
         files.append(f"{TOKENIZER_DIR}/")
         info["tokenizer"] = TOKENIZER_DIR
     (out_dir / CONFIG_FILE).write_text(json.dumps(info, indent=1, ensure_ascii=False))
